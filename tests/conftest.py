@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny HF checkpoints, the shared folder beside the checkout, real weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TOKENIZER_JSON = SHARED / "standin" / "tokenizer.json"
+REAL_DATA = SHARED / "data" / "lotka_volterra_data.h5"
+
+
+def real_weights() -> Path | None:
+    """The checkpoint named by $QWENLITE_WEIGHTS, if set and present."""
+    path = os.environ.get("QWENLITE_WEIGHTS")
+    if path and (Path(path) / "config.json").is_file():
+        return Path(path)
+    return None
+
+
+requires_weights = pytest.mark.skipif(
+    real_weights() is None, reason="set QWENLITE_WEIGHTS to a Qwen2.5-0.5B checkpoint"
+)
+requires_tokenizer = pytest.mark.skipif(
+    not TOKENIZER_JSON.is_file(), reason=f"no tokenizer at {TOKENIZER_JSON}"
+)
+requires_real_data = pytest.mark.skipif(not REAL_DATA.is_file(), reason=f"no dataset at {REAL_DATA}")
+
+
+def make_hf_checkpoint(directory: Path, *, tied: bool = True, kv_heads: int = 2,
+                       sharded: bool = False, seed: int = 0, vocab: int = 128) -> Path:
+    """Save a tiny random transformers ``Qwen2ForCausalLM`` with ``save_pretrained``."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        rope_theta=10000.0, tie_word_embeddings=tied, bos_token_id=None, eos_token_id=None,
+        pad_token_id=None,
+    )
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    # Random init leaves norms at 1 and biases at 0; perturb them so parity covers them too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory, max_shard_size="60KB" if sharded else "5GB")
+    return directory
+
+
+def load_hf(directory: Path, dtype=torch.float32):
+    transformers = pytest.importorskip("transformers")
+    return transformers.Qwen2ForCausalLM.from_pretrained(
+        directory, dtype=dtype, attn_implementation="eager"
+    ).eval()
