@@ -186,3 +186,43 @@ def generation_flops(model: QwenForCausalLM, prompt_len: int, decode_steps: int,
     for i in range(decode_steps):
         count += model.flops(1, prompt_len + i, logits=1).prefixed("decode")
     return count.scaled(batch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qwenlite.generate --prompt TEXT``: continue a prompt with a checkpoint."""
+    import argparse
+
+    from qwenlite.cli import (add_device_args, add_weights_arg, main_guard, positive_int,
+                              resolve_device, resolve_weights)
+    from qwenlite.model.loading import load_model
+    from qwenlite.tokenizer import Tokenizer
+
+    @main_guard
+    def run() -> int:
+        parser = argparse.ArgumentParser(prog="python -m qwenlite.generate",
+                                         description="Continue a text prompt.")
+        add_weights_arg(parser)
+        add_device_args(parser)
+        parser.add_argument("--prompt", required=True, help="text to continue")
+        parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+        parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        parser.add_argument("--top-p", type=float, default=1.0)
+        parser.add_argument("--seed", type=int, default=None)
+        args = parser.parse_args(argv)
+        weights = resolve_weights(args.weights)
+        model = load_model(weights, dtype=args.dtype, device=resolve_device(args.device))
+        tok = Tokenizer(weights)
+        ids = tok.encode(args.prompt)
+        if not ids:
+            parser.error("--prompt is empty")
+        out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id or 0)
+        print(tok.decode(out.tokens[0]))
+        return 0
+
+    return run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
