@@ -27,6 +27,13 @@ WEIGHTS_ENV = "QWENLITE_WEIGHTS"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what> (see --help)``, exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def add_weights_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights",

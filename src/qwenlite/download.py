@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from qwenlite.cli import DEFAULT_REPO, DEFAULT_WEIGHTS_DIR, main_guard
+from qwenlite.cli import DEFAULT_REPO, DEFAULT_WEIGHTS_DIR, ArgumentParser, main_guard
 from qwenlite.hub import download
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qwenlite.download", description=__doc__)
+    parser = ArgumentParser(prog="python -m qwenlite.download", description=__doc__)
     parser.add_argument("--repo", default=DEFAULT_REPO, help=f"hub repository (default {DEFAULT_REPO})")
     parser.add_argument("--dir", default=None, help=f"destination (default {DEFAULT_WEIGHTS_DIR} "
                         "for the default repo, else weights/<name>)")

@@ -192,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m qwenlite.generate --prompt TEXT``: continue a prompt with a checkpoint."""
     import argparse
 
-    from qwenlite.cli import (add_device_args, add_weights_arg, main_guard, positive_int,
+    from qwenlite.cli import (ArgumentParser, add_device_args, add_weights_arg, main_guard,
+                              positive_int,
                               resolve_device, resolve_weights)
     from qwenlite.model.loading import load_model
     from qwenlite.tokenizer import Tokenizer
 
     @main_guard
     def run() -> int:
-        parser = argparse.ArgumentParser(prog="python -m qwenlite.generate",
+        parser = ArgumentParser(prog="python -m qwenlite.generate",
                                          description="Continue a text prompt.")
         add_weights_arg(parser)
         add_device_args(parser)

@@ -26,7 +26,7 @@ def download(repo: str, dest: str | Path) -> Path:
         snapshot_download(repo_id=repo, local_dir=str(dest), allow_patterns=CHECKPOINT_PATTERNS)
     except Exception as exc:  # noqa: BLE001 - the hub raises many types; all mean "not fetched"
         name = type(exc).__name__
-        if "NotFound" in name or "RepositoryNotFound" in name:
+        if name in ("RepositoryNotFoundError", "RevisionNotFoundError"):
             raise QwenliteError(f"no repository {repo!r} on the Hugging Face hub") from exc
         raise QwenliteError(
             f"could not download {repo} from the Hugging Face hub ({name}); offline, pass a local "

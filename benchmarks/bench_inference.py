@@ -1,0 +1,122 @@
+"""Inference speed: qwenlite vs transformers, measured in one run on one checkpoint.
+
+Times (1) batched greedy generation of LLMTIME prompts — prefill and decode separately — and
+(2) one forward pass over a (batch × seq) block, in fp32 and bf16, and prints the ratios and the
+achieved GFLOPS against a matmul rate measured in the same run (all FLOPS in the coursework's
+convention: an (m×n)(n×p) matmul is m·p·(2n−1)).
+
+    QWENLITE_WEIGHTS=/path/to/checkpoint python benchmarks/bench_inference.py
+    python benchmarks/bench_inference.py --weights DIR --dtypes bf16 --prompts 8 --new-tokens 100
+
+Say which checkpoint produced any figure you quote (the offline stand-in is not the official
+Qwen2.5-0.5B-Instruct, but has its exact architecture, so timings carry over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import (DTYPES, fmt_table, free_memory, left_pad, llmtime_prompts, machine,
+                    matmul_rate, peak_rss_gb, timed, weights_from_args, write_results)
+
+from qwenlite.generate import generate, generation_flops
+from qwenlite.model import load_model
+from qwenlite.tokenizer import Tokenizer
+
+
+def bench_qwenlite(weights, dtype, prompts, new_tokens, fwd_ids):
+    model = load_model(weights, dtype=dtype)
+    generate(model, [p[:32] for p in prompts[:2]], 2, eos_token_id=[])  # warm-up
+    out = generate(model, prompts, new_tokens, eos_token_id=[])
+    with torch.inference_mode():
+        fwd_s, _ = timed(lambda: model(fwd_ids), repeats=1, warmup=0)
+    fwd_flops = model.flops(fwd_ids.shape[1]).total() * fwd_ids.shape[0]
+    gen = generation_flops(model, out.prompt_len, out.steps, len(prompts))
+    prefill_flops = sum(v for k, v in gen.items() if k.startswith("prefill"))
+    decode_flops = gen.total() - prefill_flops
+    del model
+    free_memory()
+    return dict(prefill_s=out.prefill_seconds, decode_s=out.decode_seconds, steps=out.steps,
+                forward_s=fwd_s, prefill_flops=prefill_flops, decode_flops=decode_flops,
+                forward_flops=fwd_flops)
+
+
+def bench_transformers(weights, dtype, prompts, new_tokens, fwd_ids, pad_id):
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation="sdpa").eval()
+    ids, mask = left_pad(prompts, pad_id)
+    kwargs = dict(do_sample=False, pad_token_id=pad_id, eos_token_id=None, top_k=None,
+                  top_p=None, temperature=None)
+    with torch.inference_mode():
+        model.generate(ids[:2, -32:], attention_mask=mask[:2, -32:], max_new_tokens=2, **kwargs)
+        # Prefill as generate() runs it: the prompt forward with a cache, logits of the last token.
+        prefill_s, _ = timed(lambda: model(ids, attention_mask=mask, use_cache=True,
+                                           logits_to_keep=1))
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, **kwargs)
+        total_s = time.perf_counter() - t0
+        assert out.shape[1] == ids.shape[1] + new_tokens
+        fwd_s, _ = timed(lambda: model(fwd_ids), repeats=1)
+    del model
+    free_memory()
+    return dict(prefill_s=prefill_s, decode_s=max(total_s - prefill_s, 1e-9),
+                steps=new_tokens - 1, forward_s=fwd_s)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-steps", type=int, default=80, help="LLMTIME timesteps per prompt")
+    parser.add_argument("--new-tokens", type=int, default=100)
+    parser.add_argument("--forward-batch", type=int, default=4)
+    parser.add_argument("--forward-seq", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = weights_from_args(args.weights)
+    tok = Tokenizer(weights)
+    prompts = llmtime_prompts(tok, args.prompts, args.prompt_steps, args.data)
+    gen = torch.Generator().manual_seed(0)
+    fwd_ids = torch.randint(0, 151000, (args.forward_batch, args.forward_seq), generator=gen)
+    print(f"checkpoint {weights}; {machine()}")
+    print(f"generation: {len(prompts)} prompts of {min(map(len, prompts))}-"
+          f"{max(map(len, prompts))} tokens, {args.new_tokens} new tokens, greedy; "
+          f"forward: {args.forward_batch}x{args.forward_seq}")
+    results = {"machine": machine(), "weights": str(weights), "args": vars(args), "runs": {}}
+    rows = []
+    for name in args.dtypes:
+        dtype = DTYPES[name]
+        rate = matmul_rate(dtype)
+        ours = bench_qwenlite(weights, dtype, prompts, args.new_tokens, fwd_ids)
+        theirs = bench_transformers(weights, dtype, prompts, args.new_tokens, fwd_ids,
+                                    tok.pad_token_id)
+        results["runs"][name] = {"matmul_rate": rate, "qwenlite": ours, "transformers": theirs}
+        b = len(prompts)
+        for phase, flops_key in (("prefill", "prefill_flops"), ("decode", "decode_flops"),
+                                 ("forward", "forward_flops")):
+            t_ours, t_hf = ours[f"{phase}_s"], theirs[f"{phase}_s"]
+            gflops = ours[flops_key] / t_ours / 1e9
+            extra = ""
+            if phase == "decode":
+                extra = (f"{b * ours['steps'] / t_ours:.1f} vs {b * theirs['steps'] / t_hf:.1f} "
+                         "tok/s")
+            rows.append([name, phase, f"{t_ours:.3f}", f"{t_hf:.3f}", f"{t_hf / t_ours:.2f}x",
+                         f"{gflops:.1f}", f"{100 * gflops * 1e9 / rate:.0f}%", extra])
+        print(f"[{name}] matmul rate {rate / 1e9:.1f} GFLOPS; peak RSS so far "
+              f"{peak_rss_gb():.1f} GB")
+    print(fmt_table(rows, ["dtype", "phase", "qwenlite s", "transformers s", "speed-up",
+                           "qwenlite GFLOPS", "of matmul", "decode"]))
+    write_results(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Shared pieces of the benchmarks: timing, the matmul roofline, LLMTIME prompts, reporting."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def timed(fn, repeats: int = 1, warmup: int = 0) -> tuple[float, object]:
+    """Best wall time of ``repeats`` calls after ``warmup`` calls, and the last result."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def matmul_rate(dtype: torch.dtype, m: int = 2048, n: int = 896, p: int = 4864) -> float:
+    """Measured FLOPS/s of an (m×n)(n×p) matmul in ``dtype``, counted as m·p·(2n−1)."""
+    a = torch.randn(m, n, dtype=dtype)
+    b = torch.randn(n, p, dtype=dtype)
+    seconds, _ = timed(lambda: a @ b, repeats=5, warmup=2)
+    return m * p * (2 * n - 1) / seconds
+
+
+def llmtime_prompts(tokenizer, n_prompts: int, steps: int, data: str | None = None) -> list[list[int]]:
+    """Token ids of the first ``steps`` timesteps of ``n_prompts`` systems, LLMTIME-encoded."""
+    from qwenlite.data import load_dataset, resolve_data
+    from qwenlite.preprocessor import LLMTimeSettings, encode, fit_alpha
+
+    real = ROOT.parent / "shared" / "data" / "lotka_volterra_data.h5"
+    path = resolve_data(data or (str(real) if real.is_file() else None))
+    traj = load_dataset(path).trajectories
+    settings = fit_alpha(traj, LLMTimeSettings())
+    return [tokenizer.encode(encode(traj[i, :steps], settings)) for i in range(n_prompts)]
+
+
+def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def free_memory() -> None:
+    gc.collect()
+
+
+def machine() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
+
+
+def weights_from_args(arg: str | None) -> Path:
+    path = arg or os.environ.get("QWENLITE_WEIGHTS")
+    if not path:
+        sys.exit("benchmarks need a checkpoint: --weights DIR or QWENLITE_WEIGHTS=DIR "
+                 "(e.g. the stand-in built by ../shared/standin/build.sh)")
+    return Path(path)
+
+
+def write_results(out: str | None, results: dict) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2, default=float))
+        print(f"results written to {out}")
+
+
+def fmt_table(rows: list[list], headers: list[str]) -> str:
+    cols = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(headers))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cols[1:]]
+    return "\n".join(lines)
+
+
+__all__ = ["np"]
