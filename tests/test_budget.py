@@ -1,0 +1,88 @@
+"""The FLOPS ledger: refusals, idempotent records, resumed runs, concurrent writers, the CLI."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from qwenlite.budget import Ledger
+from qwenlite.errors import BudgetError, QwenliteError
+
+
+def test_refuses_a_plan_over_budget(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json", budget=1000)
+    ledger.add("eval-a", "zero-shot", "eval", 300)
+    with pytest.raises(BudgetError) as err:
+        ledger.plan("run-b", "lora", "train", 800, flops_per_step=100)
+    message = str(err.value)
+    assert "7.000e+02" in message and "7 steps would fit" in message
+    assert "run-b" not in ledger.load()["entries"]
+    ledger.plan("run-b", "lora", "train", 700, flops_per_step=100)  # exactly what is left
+
+
+def test_resumed_run_is_not_double_counted(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.json", budget=1000)
+    ledger.plan("run", "lora", "train", 600)
+    ledger.record("run", 400, steps=4)
+    ledger.record("run", 400, steps=4)  # the same checkpoint recorded twice
+    assert ledger.used() == 400
+    # resumed: 200 more planned (what remains), already-spent 400 is not planned again
+    entry = ledger.plan("run", "lora", "train", 200)
+    assert entry["planned"] == 600
+    ledger.record("run", 600, steps=6, status="done")
+    assert ledger.used() == 600
+    assert len(ledger.load()["entries"]) == 1
+    with pytest.raises(BudgetError):
+        ledger.plan("other", "x", "train", 401)
+
+
+def _writer(path, i):
+    Ledger(path).add(f"exp-{i}", f"exp-{i}", "eval", 10 + i)
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    path = tmp_path / "ledger.json"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, i)) for i in range(12)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    data = json.loads(path.read_text())
+    assert len(data["entries"]) == 12
+    assert Ledger(path).used() == sum(10 + i for i in range(12))
+
+
+def test_corrupt_ledger_is_one_clear_error(tmp_path):
+    path = tmp_path / "ledger.json"
+    path.write_text("{not json")
+    with pytest.raises(QwenliteError, match="corrupt"):
+        Ledger(path).used()
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run([sys.executable, "-m", "qwenlite.budget", *args], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_cli_table_and_errors(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = Ledger(path)
+    ledger.add("a", "zero-shot-val", "eval", int(2e15), tokens=1000)
+    ledger.plan("b", "lora-r4", "train", int(5e15))
+    ledger.record("b", int(3e15), steps=30, tokens=2000)
+    proc = _cli("--ledger", str(path))
+    assert proc.returncode == 0
+    assert "zero-shot-val" in proc.stdout and "lora-r4" in proc.stdout
+    assert "5.000e+15" in proc.stdout  # the total
+    assert "5.000%" in proc.stdout  # its share of 1e17
+    missing = _cli("--ledger", str(tmp_path / "none.json"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
