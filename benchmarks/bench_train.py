@@ -1,0 +1,123 @@
+"""LoRA training step: qwenlite vs transformers + PEFT, measured in one run on one checkpoint.
+
+Each implementation runs in its own subprocess (so peak RSS is its own): load the checkpoint, wrap
+q_proj/v_proj with rank-4 LoRA, and time full optimizer steps (forward, loss, backward, AdamW) on
+a (batch × seq) block of tokens, in fp32 and under bf16 autocast. Printed: seconds per step, the
+speed-up, the achieved GFLOPS — FLOPS actually executed (forward + backward without weight
+gradients of frozen matrices, from :func:`qwenlite.flops.train_step_flops`) — against a matmul
+rate measured in the same run, and each implementation's peak RSS.
+
+    QWENLITE_WEIGHTS=DIR python benchmarks/bench_train.py [--batch 4 --seq 512 --dtypes fp32 bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from common import (DTYPES, fmt_table, machine, matmul_rate, peak_rss_gb, weights_from_args,
+                    write_results)
+
+
+def worker(impl: str, weights: str, dtype: str, batch: int, seq: int, steps: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 151000, (batch, seq), generator=gen)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    if impl == "qwenlite":
+        from qwenlite.lora import apply_lora
+        from qwenlite.model import load_model
+        from qwenlite.train import lm_loss
+
+        model = load_model(weights, dtype=torch.float32)
+        apply_lora(model, r=4, alpha=4)
+        model.train()
+
+        def loss_fn():
+            return lm_loss(model, ids, None)
+    else:
+        import peft
+        from transformers import Qwen2ForCausalLM
+
+        base = Qwen2ForCausalLM.from_pretrained(weights, dtype=torch.float32,
+                                                attn_implementation="sdpa")
+        model = peft.get_peft_model(base, peft.LoraConfig(
+            r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+            task_type="CAUSAL_LM"))
+        model.train()
+
+        def loss_fn():
+            return model(input_ids=ids, labels=ids).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    times = []
+    for i in range(steps + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        with autocast:
+            loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": min(times[1:]), "all_seconds": times, "loss": float(loss),
+            "peak_rss_gb": peak_rss_gb()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "DTYPE", "WEIGHTS"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        impl, dtype, weights = args.worker
+        print(json.dumps(worker(impl, weights, dtype, args.batch, args.seq, args.steps)))
+        return
+
+    from qwenlite.flops import counting_model, train_step_flops
+    from qwenlite.model import QwenConfig
+
+    weights = weights_from_args(args.weights)
+    config = QwenConfig.from_json(weights / "config.json")
+    flops = train_step_flops(counting_model(config, lora_rank=4), args.seq, args.batch)
+    print(f"checkpoint {weights}; {machine()}; LoRA r=4 on q_proj,v_proj; "
+          f"batch {args.batch} x {args.seq} tokens")
+    print(f"FLOPS per step: rule (3x forward) {flops.rule:.3e}, executed {flops.executed:.3e}")
+    results = {"machine": machine(), "weights": str(weights), "args": vars(args),
+               "flops": flops.as_dict(), "runs": {}}
+    rows = []
+    for dtype in args.dtypes:
+        rate = matmul_rate(DTYPES[dtype])
+        run = {"matmul_rate": rate}
+        for impl in ("qwenlite", "peft"):
+            cmd = [sys.executable, __file__, "--worker", impl, dtype, str(weights),
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{impl} {dtype} failed:\n{proc.stderr[-2000:]}")
+            run[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+        ours, theirs = run["qwenlite"], run["peft"]
+        for name, r in (("qwenlite", ours), ("transformers+peft", theirs)):
+            achieved = flops.executed / r["seconds"]
+            rows.append([dtype, name, f"{r['seconds']:.2f}", f"{achieved / 1e9:.1f}",
+                         f"{100 * achieved / rate:.0f}%", f"{r['peak_rss_gb']:.2f}",
+                         f"{r['loss']:.4f}"])
+        rows.append([dtype, "speed-up", f"{theirs['seconds'] / ours['seconds']:.2f}x", "", "",
+                     f"{ours['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}x", ""])
+        results["runs"][dtype] = run
+        print(f"[{dtype}] matmul rate {rate / 1e9:.1f} GFLOPS")
+    print(fmt_table(rows, ["dtype", "implementation", "s/step", "GFLOPS (executed)",
+                           "of matmul", "peak RSS GB", "last loss"]))
+    write_results(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

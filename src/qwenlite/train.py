@@ -1,0 +1,416 @@
+"""``python -m qwenlite.train``: LoRA fine-tuning of Qwen2.5 on LLMTIME-encoded series.
+
+Defaults are the coursework's: learning rate 1e-5, rank 4, context 512 tokens, batch 4, up to
+10,000 optimizer steps. Everything a run needs to be reported or resumed goes into its run
+directory:
+
+* ``config.json`` (these settings), ``llmtime.json`` (the preprocessing settings and the α fitted
+  on the training split), ``split.json`` (which systems are train/val/test);
+* ``metrics.jsonl`` (a line per step: loss, FLOPS so far; and one per validation);
+* ``adapter/`` (the latest LoRA adapter in PEFT's format) and ``state.pt`` (step, optimizer,
+  adapter weights), written atomically; the one before is kept as ``state.prev.pt``.
+
+Rerunning the same command on the same run directory resumes from the last checkpoint with the
+same data order, so even a run killed with ``kill -9`` continues with an identical loss curve.
+Every run's FLOPS go into the FLOPS ledger; a run whose plan does not fit in the budget is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwenlite.budget import Ledger, fmt_flops
+from qwenlite.cli import (ArgumentParser, add_data_arg, add_device_args, add_weights_arg,
+                          main_guard, nonnegative_int, positive_float, positive_int,
+                          resolve_device, resolve_dtype, resolve_weights)
+from qwenlite.errors import CheckpointError, QwenliteError
+from qwenlite.loss import linear_cross_entropy
+
+STATE = "state.pt"
+PREV_STATE = "state.prev.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (saved as ``config.json`` in the run directory)."""
+
+    lr: float = 1e-5
+    rank: int = 4
+    alpha: float | None = None  # None: equal to the rank (scaling 1)
+    context: int = 512
+    batch: int = 4
+    max_steps: int = 10_000
+    eval_interval: int = 500
+    eval_windows: int = 64
+    save_interval: int = 100
+    seed: int = 0
+    dtype: str = "fp32"
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    decimals: int = 2
+    stride: int | None = None  # None: half the context
+    weight_decay: float = 0.0
+    experiment: str = ""
+    weights: str = ""
+    data: str = ""
+
+    # Fields that may change when a run is resumed (they do not change its trajectory).
+    RESUMABLE = ("max_steps", "eval_interval", "save_interval", "experiment")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> TrainConfig:
+        raw = dict(raw)
+        raw["targets"] = tuple(raw.get("targets", ()))
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, path.with_name(PREV_STATE))
+    os.replace(tmp, path)
+
+
+class Batches:
+    """Deterministic batch order: a fresh seeded permutation of the windows every epoch, so the
+    batch of any step can be recomputed from the step number alone (exact resumption)."""
+
+    def __init__(self, n_windows: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = n_windows, batch, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        """Window indices of optimizer step ``step`` (0-based)."""
+        out = []
+        for g in range(step * self.batch, (step + 1) * self.batch):
+            out.append(self._perm(g // self.n)[g % self.n])
+        return np.asarray(out)
+
+
+def lm_loss(model, input_ids: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose target is not padding.
+
+    input_ids, loss_mask: (batch, seq); the loss at position t predicts token t+1. The LM head
+    and the loss are fused (:mod:`qwenlite.loss`): no (batch, seq, vocab) logits are kept.
+    """
+    h = model(input_ids, return_hidden=True)[:, :-1]
+    targets = input_ids[:, 1:].reshape(-1)
+    weights = None if loss_mask is None else loss_mask[:, 1:].reshape(-1).float()
+    return linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head.weight, targets,
+                                weights)
+
+
+class Trainer:
+    """One LoRA training run in a run directory (fresh or resumed)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, device: torch.device,
+                 ledger: Ledger, progress: bool = True):
+        self.cfg, self.run_dir, self.device, self.ledger = cfg, run_dir, device, ledger
+        self.progress = progress
+
+    # ----- set-up -------------------------------------------------------------------------
+    def prepare(self) -> None:
+        from qwenlite.data import load_dataset, make_training_windows, split_systems
+        from qwenlite.flops import train_step_flops
+        from qwenlite.lora import apply_lora
+        from qwenlite.model.loading import load_model
+        from qwenlite.preprocessor import LLMTimeSettings, encode, fit_alpha
+        from qwenlite.tokenizer import Tokenizer
+
+        cfg, run_dir = self.cfg, self.run_dir
+        dataset = load_dataset(cfg.data)
+        split_file = run_dir / "split.json"
+        settings_file = run_dir / "llmtime.json"
+        if split_file.exists() and settings_file.exists():  # resumed: reuse, never refit
+            from qwenlite.data import Split
+
+            split = Split.load(split_file)
+            settings = LLMTimeSettings.load(settings_file)
+        else:
+            split = split_systems(len(dataset.trajectories), seed=cfg.seed)
+            settings = fit_alpha(dataset.trajectories[split.train],
+                                 LLMTimeSettings(decimals=cfg.decimals))
+            split.save(split_file)
+            settings.save(settings_file)
+        self.settings, self.split = settings, split
+
+        tok = Tokenizer(cfg.weights)
+        stride = cfg.stride or max(cfg.context // 2, 1)
+
+        def windows(indices):
+            seqs = tok.encode_batch([encode(dataset.trajectories[i], settings) for i in indices])
+            return make_training_windows(seqs, cfg.context, stride)
+
+        self.train_windows = windows(split.train)
+        val = windows(split.val)
+        gen = np.random.default_rng(cfg.seed)
+        pick = gen.permutation(len(val.input_ids))[: cfg.eval_windows]
+        self.val_ids = val.input_ids[pick]
+        self.val_mask = None if val.loss_mask is None else val.loss_mask[pick]
+
+        self.model = load_model(cfg.weights, dtype=torch.float32, device=self.device)
+        apply_lora(self.model, cfg.rank, cfg.alpha, cfg.targets)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.batches = Batches(len(self.train_windows.input_ids), cfg.batch, cfg.seed)
+        self.step_flops = train_step_flops(self.model, cfg.context, cfg.batch).rule
+        self.eval_flops = self.model.flops(cfg.context, loss=True).total() * len(self.val_ids)
+        self.tokens_per_step = cfg.context * cfg.batch
+
+    def n_evals(self, upto: int) -> int:
+        """Validations run by step ``upto``: at every multiple of eval_interval and the end."""
+        n = upto // self.cfg.eval_interval if self.cfg.eval_interval else 0
+        if upto and upto == self.cfg.max_steps and (not self.cfg.eval_interval
+                                                   or upto % self.cfg.eval_interval):
+            n += 1
+        return n
+
+    def flops_at(self, step: int, evals: int) -> int:
+        return step * self.step_flops + evals * self.eval_flops
+
+    # ----- checkpoints ----------------------------------------------------------------------
+    def load_state(self) -> tuple[int, int]:
+        """Restore the newest readable checkpoint; returns (step, evals done)."""
+        for name in (STATE, PREV_STATE):
+            path = self.run_dir / name
+            if not path.exists():
+                continue
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=False)
+                lora = {k: v for k, v in state["lora"].items()}
+                missing = self.model.load_state_dict(lora, strict=False).unexpected_keys
+                if missing:
+                    raise KeyError(missing[0])
+                self.optimizer.load_state_dict(state["optimizer"])
+                torch.set_rng_state(state["rng"])
+            except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint
+                print(f"warning: checkpoint {path} is unreadable ({type(exc).__name__}); "
+                      "trying the previous one", file=sys.stderr)
+                continue
+            return int(state["step"]), int(state["evals"])
+        if (self.run_dir / STATE).exists() or (self.run_dir / PREV_STATE).exists():
+            raise CheckpointError(
+                f"no readable checkpoint in {self.run_dir} ({STATE} and {PREV_STATE} are "
+                "corrupt); move them aside to restart, the rest of the run directory is kept")
+        return 0, 0
+
+    def save_state(self, step: int, evals: int) -> None:
+        from qwenlite.lora import save_adapter
+
+        lora = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                if ".lora_" in k}
+        _atomic_torch_save({"step": step, "evals": evals, "lora": lora,
+                            "optimizer": self.optimizer.state_dict(),
+                            "rng": torch.get_rng_state()}, self.run_dir / STATE)
+        save_adapter(self.model, self.run_dir / "adapter", self.cfg.weights)
+        self.ledger.record(self.ledger_key, self.flops_at(step, evals), step,
+                           step * self.tokens_per_step,
+                           status="done" if step >= self.cfg.max_steps else "running")
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                break  # a line cut by a crash ends the readable log
+        _atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+    # ----- the loop -------------------------------------------------------------------------
+    def autocast(self):
+        if self.cfg.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.model.eval()
+        total, weight = 0.0, 0.0
+        for i in range(0, len(self.val_ids), self.cfg.batch):
+            ids = self.val_ids[i:i + self.cfg.batch].to(self.device)
+            mask = None if self.val_mask is None else self.val_mask[i:i + self.cfg.batch].to(
+                self.device)
+            with self.autocast():
+                loss = lm_loss(self.model, ids, mask)
+            w = float(ids.shape[0] if mask is None else mask[:, 1:].sum())
+            total += float(loss) * w
+            weight += w
+        self.model.train()
+        return total / max(weight, 1.0)
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.ledger_key = str(self.run_dir.resolve())
+        self.prepare()
+        start, evals = self.load_state()
+        self._truncate_metrics(start)
+        planned_evals = self.n_evals(cfg.max_steps) - evals
+        planned = self.flops_at(cfg.max_steps - start, max(planned_evals, 0))
+        self.ledger.plan(self.ledger_key, cfg.experiment or self.run_dir.name, "train",
+                         max(planned, 0), flops_per_step=self.step_flops,
+                         run_dir=str(self.run_dir), rank=cfg.rank, lr=cfg.lr,
+                         context=cfg.context, batch=cfg.batch)
+        if start >= cfg.max_steps:
+            print(f"{self.run_dir}: already trained for {start} steps (max {cfg.max_steps})")
+            return {"step": start}
+        print(f"training {self.run_dir}: steps {start}..{cfg.max_steps}, "
+              f"{len(self.train_windows.input_ids)} windows of {cfg.context} tokens, "
+              f"{fmt_flops(self.step_flops)} FLOPS/step (3x forward rule), "
+              f"plan {fmt_flops(planned)} FLOPS", file=sys.stderr)
+        metrics = open(self.run_dir / "metrics.jsonl", "a")
+        bar = tqdm(total=cfg.max_steps, initial=start, disable=not self.progress,
+                   unit="step", dynamic_ncols=True)
+        ids_all, mask_all = self.train_windows.input_ids, self.train_windows.loss_mask
+        last_val = None
+        t0 = time.perf_counter()
+        try:
+            for step in range(start, cfg.max_steps):
+                idx = torch.as_tensor(self.batches.indices(step))
+                ids = ids_all[idx].to(self.device)
+                mask = None if mask_all is None else mask_all[idx].to(self.device)
+                with self.autocast():
+                    loss = lm_loss(self.model, ids, mask)
+                if not torch.isfinite(loss):
+                    raise QwenliteError(f"loss is {float(loss)} at step {step + 1}; lower --lr "
+                                        f"(now {cfg.lr})")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                done = step + 1
+                record = {"step": done, "loss": float(loss), "lr": cfg.lr,
+                          "tokens": done * self.tokens_per_step,
+                          "flops": self.flops_at(done, evals),
+                          "seconds": round(time.perf_counter() - t0, 3)}
+                if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.max_steps:
+                    last_val = self.validate()
+                    evals += 1
+                    record.update(val_loss=last_val, flops=self.flops_at(done, evals))
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.4f}",
+                                val=f"{last_val:.4f}" if last_val is not None else "-",
+                                flops=fmt_flops(record["flops"]))
+                if done % cfg.save_interval == 0 or done == cfg.max_steps:
+                    self.save_state(done, evals)
+        finally:
+            bar.close()
+            metrics.close()
+        return {"step": cfg.max_steps, "val_loss": last_val,
+                "flops": self.flops_at(cfg.max_steps, evals)}
+
+
+def parse_args(argv: list[str] | None) -> tuple:
+    defaults = TrainConfig()
+    parser = ArgumentParser(prog="python -m qwenlite.train",
+                            description="LoRA fine-tuning of Qwen2.5 on LLMTIME-encoded series.")
+    add_weights_arg(parser)
+    add_data_arg(parser)
+    add_device_args(parser)
+    parser.add_argument("--out", default=None, metavar="RUN_DIR",
+                        help="run directory (default runs/lora-r{rank}-lr{lr}-ctx{context}); "
+                             "rerun with the same one to resume")
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr)
+    parser.add_argument("--rank", type=positive_int, default=defaults.rank)
+    parser.add_argument("--alpha", type=positive_float, default=None,
+                        help="LoRA alpha (default: the rank, i.e. scaling 1)")
+    parser.add_argument("--context", type=positive_int, default=defaults.context,
+                        help="tokens per training window")
+    parser.add_argument("--batch", type=positive_int, default=defaults.batch)
+    parser.add_argument("--max-steps", type=positive_int, default=defaults.max_steps)
+    parser.add_argument("--eval-interval", type=nonnegative_int, default=defaults.eval_interval,
+                        help="validate every N steps (0: only at the end)")
+    parser.add_argument("--eval-windows", type=positive_int, default=defaults.eval_windows,
+                        help="validation windows per validation")
+    parser.add_argument("--save-interval", type=positive_int, default=defaults.save_interval)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--targets", default=",".join(defaults.targets),
+                        help="comma-separated projections to adapt")
+    parser.add_argument("--decimals", type=positive_int, default=defaults.decimals)
+    parser.add_argument("--stride", type=positive_int, default=None,
+                        help="tokens between training windows (default: half the context)")
+    parser.add_argument("--experiment", default="", help="name in the FLOPS ledger")
+    parser.add_argument("--ledger", default=None, help="FLOPS ledger file")
+    parser.add_argument("--budget", type=positive_float, default=None,
+                        help="FLOPS budget stored in the ledger (default: the ledger's, 1e17 for a new one)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    from qwenlite.data import resolve_data
+
+    args = parse_args(argv)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    cfg = TrainConfig(lr=args.lr, rank=args.rank, alpha=args.alpha, context=args.context,
+                      batch=args.batch, max_steps=args.max_steps,
+                      eval_interval=args.eval_interval, eval_windows=args.eval_windows,
+                      save_interval=args.save_interval, seed=args.seed,
+                      dtype=args.dtype, targets=targets, decimals=args.decimals,
+                      stride=args.stride, experiment=args.experiment)
+    resolve_dtype(cfg.dtype)
+    device = resolve_device(args.device)
+    run_dir = Path(args.out or f"runs/lora-r{cfg.rank}-lr{cfg.lr:g}-ctx{cfg.context}")
+    cfg.weights = str(resolve_weights(args.weights))
+    cfg.data = str(resolve_data(args.data))
+    config_file = run_dir / "config.json"
+    if config_file.exists():
+        try:
+            old = TrainConfig.from_dict(json.loads(config_file.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise CheckpointError(f"{config_file} is unreadable ({exc})") from None
+        diff = [f.name for f in dataclasses.fields(cfg) if f.name not in TrainConfig.RESUMABLE
+                and getattr(old, f.name) != getattr(cfg, f.name)]
+        if diff:
+            name = diff[0]
+            raise QwenliteError(
+                f"{run_dir} holds a run with {name}={getattr(old, name)!r}, not "
+                f"{getattr(cfg, name)!r}; use another --out for a new run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(config_file, json.dumps(cfg.to_dict(), indent=2))
+    ledger = Ledger(args.ledger, budget=args.budget)
+    result = Trainer(cfg, run_dir, device, ledger, progress=not args.no_progress).run()
+    summary = {k: v for k, v in result.items() if v is not None}
+    print(json.dumps({"run_dir": str(run_dir), **summary}))
+    if isinstance(summary.get("val_loss"), float) and not math.isfinite(summary["val_loss"]):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
