@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwenlite.model.counting import FlopCount
+from qwenlite.model.counting import FlopCount, matmul_flops
 from qwenlite.model.decoder import QwenForCausalLM
 
 
@@ -116,25 +116,32 @@ def generate(
                        ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
                        dtype=torch.long, device=device)
     vocab = model.config.vocab_size
-    banned = None
+    # With a restricted vocabulary only the allowed rows of the LM head are ever needed: the head
+    # is the largest matmul of a decode step, and choosing among the allowed logits is exactly
+    # choosing from the full logits with the rest masked to -inf.
+    sub_ids = None
     if allowed_tokens is not None:
         allowed = torch.as_tensor(allowed_tokens, device=device)
-        if allowed.dtype != torch.bool:
-            allowed = torch.zeros(vocab, dtype=torch.bool, device=device).index_fill_(
-                0, allowed.long(), True)
-            if eos.numel():
-                allowed[eos] = True
-        banned = ~allowed
+        if allowed.dtype == torch.bool:
+            allowed = allowed.nonzero().flatten()
+        sub_ids = torch.unique(torch.cat([allowed.long(), eos]))
+    head = model.lm_head.weight if sub_ids is None else model.lm_head.weight[sub_ids]
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
 
+    def next_logits(ids, **kwargs):
+        h = model(ids, logits_to_keep=1, return_hidden=True, **kwargs)[:, -1]
+        if sub_ids is None:
+            return model._head(h[:, None])[:, 0]
+        return h @ head.T
+
     cache = model.new_cache(b, total)
     _sync(device)
     t0 = time.perf_counter()
-    logits = model(input_ids, attention_mask=attention_mask[:, :p_len] if padded else None,
-                   cache=cache, cache_start=0, logits_to_keep=1)[:, -1]
+    logits = next_logits(input_ids, attention_mask=attention_mask[:, :p_len] if padded else None,
+                         cache=cache, cache_start=0)
     _sync(device)
     t1 = time.perf_counter()
 
@@ -145,11 +152,16 @@ def generate(
     steps = 0
     for t in range(max_new_tokens):
         logits = logits.float()
-        if banned is not None:
-            logits = logits.masked_fill(banned, float("-inf"))
         if logits_hook is not None:
+            if sub_ids is not None:
+                full = torch.full((b, vocab), float("-inf"), device=device)
+                logits = full.index_copy_(1, sub_ids, logits)
             logits = logits_hook(logits, generated[:, :t])
+            if sub_ids is not None:
+                logits = logits[:, sub_ids]
         nxt = sample_next(logits, temperature, top_p, generator)
+        if sub_ids is not None:
+            nxt = sub_ids[nxt]
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
         generated[:, t] = nxt
         hit_eos = torch.isin(nxt, eos) & ~done if eos.numel() else torch.zeros_like(done)
@@ -163,28 +175,40 @@ def generate(
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         pos = (lengths + t)[:, None]
-        logits = model(nxt[:, None], attention_mask=attention_mask[:, : p_len + t + 1] if padded
-                       else None, position_ids=pos, cache=cache, cache_start=p_len + t,
-                       logits_to_keep=1)[:, -1]
+        logits = next_logits(nxt[:, None],
+                             attention_mask=attention_mask[:, : p_len + t + 1] if padded else None,
+                             position_ids=pos, cache=cache, cache_start=p_len + t)
         steps += 1
     _sync(device)
     t2 = time.perf_counter()
 
     rows = generated.tolist()
     tokens = [row[:n] for row, n in zip(rows, lengths_out)]
-    flops = generation_flops(model, p_len, steps, b)
+    flops = generation_flops(model, p_len, steps, b,
+                             head_rows=None if sub_ids is None else len(sub_ids))
     return GenerationOutput(tokens, reasons, p_len, steps, t1 - t0, t2 - t1, flops)
 
 
 def generation_flops(model: QwenForCausalLM, prompt_len: int, decode_steps: int,
-                     batch: int = 1) -> FlopCount:
+                     batch: int = 1, head_rows: int | None = None) -> FlopCount:
     """FLOPS of a batched generation as :func:`generate` runs it: a prefill of ``prompt_len``
     tokens (LM head on the last position only), then ``decode_steps`` single-token steps, step
     ``i`` attending to ``prompt_len + i`` cached tokens. Counted on the padded length, since the
-    padded positions are computed too."""
-    count = model.flops(prompt_len, 0, logits=1).prefixed("prefill")
-    for i in range(decode_steps):
-        count += model.flops(1, prompt_len + i, logits=1).prefixed("decode")
+    padded positions are computed too.
+
+    Args:
+        head_rows: vocabulary rows of the LM head computed per position when the next token is
+            restricted to a few ids (default: the whole vocabulary).
+    """
+    logits = 1 if head_rows is None else 0
+    count = model.flops(prompt_len, 0, logits=logits).prefixed("prefill")
+    for i in range(decode_steps + 1):
+        if i:
+            count += model.flops(1, prompt_len + i - 1, logits=logits).prefixed("decode")
+        if head_rows is not None:
+            phase = "decode" if i else "prefill"
+            count[f"{phase}.lm_head.matmul"] = count.get(f"{phase}.lm_head.matmul", 0) + \
+                matmul_flops(1, model.config.hidden_size, head_rows)
     return count.scaled(batch)
 
 
