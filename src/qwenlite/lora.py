@@ -77,14 +77,21 @@ class LoRALinear(nn.Module):
             return y
         return y + self.lora_B(self.lora_A(x) * self.scaling)
 
-    def flops(self, n_tokens: int) -> FlopCount:
-        """Base layer, then x·Aᵀ, scaling of the r-wide result, ·Bᵀ, and the add."""
-        count = linear_flops(self.base, n_tokens)
+    def flops(self, n_tokens: int, out_features: int | None = None) -> FlopCount:
+        """Base layer, then x·Aᵀ, scaling of the r-wide result, ·Bᵀ, and the add.
+
+        Args:
+            n_tokens: rows through the layer.
+            out_features: count the layer as if it were this wide (base, B and the add); used
+                when GQA's K/V projections are counted as full multi-head projections.
+        """
+        out_f = self.out_features if out_features is None else out_features
+        count = linear_flops(self.base, n_tokens, out_features)
         if not self.merged:
             count["lora_A"] = matmul_flops(n_tokens, self.in_features, self.r)
             count["lora_scale"] = n_tokens * self.r
-            count["lora_B"] = matmul_flops(n_tokens, self.r, self.out_features)
-            count["lora_add"] = n_tokens * self.out_features
+            count["lora_B"] = matmul_flops(n_tokens, self.r, out_f)
+            count["lora_add"] = n_tokens * out_f
         return count
 
     def delta_weight(self) -> torch.Tensor:

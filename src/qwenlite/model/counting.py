@@ -51,12 +51,15 @@ class FlopCount(dict):
 def linear_flops(module, n_tokens: int, out_features: int | None = None) -> FlopCount:
     """FLOPS of ``n_tokens`` rows through a linear layer: matmul, then bias if present.
 
-    Modules that know their own cost (e.g. a LoRA wrapper) provide ``flops(n_tokens)``, which is
-    used instead. ``out_features`` overrides the width (used to count K/V projections as full
-    multi-head projections when GQA is read as standard multi-head attention).
+    Modules that know their own cost (e.g. a LoRA wrapper) provide ``flops(n_tokens,
+    out_features=None)``, which is used instead. ``out_features`` overrides the width (used to
+    count K/V projections as full multi-head projections when GQA is read as standard multi-head
+    attention); it is passed on to such modules so that their own extra terms are kept.
     """
-    if out_features is None and hasattr(module, "flops"):
-        return module.flops(n_tokens)
+    if hasattr(module, "flops"):
+        if out_features is None:
+            return module.flops(n_tokens)
+        return module.flops(n_tokens, out_features=out_features)
     out_f = module.out_features if out_features is None else out_features
     count = FlopCount(matmul=matmul_flops(n_tokens, module.in_features, out_f))
     if module.bias is not None:
