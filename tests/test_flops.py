@@ -204,8 +204,12 @@ def test_generation_is_prefill_plus_decode_steps_in_closed_form():
     decode = s * model.flops(1, p, logits=1).total() + layers * h * (4 * hd + 14) * s * (s - 1) // 2
     assert gen.total() == b * (prefill + decode)
     assert gen == generate_module_flops(model, p, s, b)
+    assert generation_flops(model, p, s, b, head_rows=12) == generate_module_flops(
+        model, p, s, b, head_rows=12)
     mha = generation_flops(model, p, s, b, gqa_as_mha=True)
-    assert mha.total() > gen.total()
+    direct = model.flops(p, logits=1, gqa_as_mha=True).total() + sum(
+        model.flops(1, p + i, logits=1, gqa_as_mha=True).total() for i in range(s))
+    assert mha.total() == b * direct > gen.total()
 
 
 def test_generate_runs_what_generation_flops_counts():
@@ -359,5 +363,9 @@ def test_cli_table_and_weights_dir(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["config"]["d"] == TINY.hidden_size
     assert rep["forward"] == forward_flops(counting_model(TINY), 16).total()
-    assert main(["--weights", str(tmp_path / "missing")]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    assert main(["--weights", str(tmp_path), "--json", "--generate", "4", "--head-rows", "3"]) == 0
+    gen = json.loads(capsys.readouterr().out)["generation"]
+    assert gen["total"] == generation_flops(counting_model(TINY), 512, 3, head_rows=3).total()
+    for bad in (["--weights", str(tmp_path / "missing")], ["--head-rows", "3"]):
+        assert main(bad) == 2
+        assert capsys.readouterr().err.startswith("error: ")

@@ -15,7 +15,8 @@ implementation with frozen base weights actually executes (the *executed* side f
 Command line::
 
     python -m qwenlite.flops --breakdown [--preset qwen2.5-0.5b | --weights DIR] [--seq-len 512]
-        [--batch 1] [--train] [--lora-rank R] [--generate N] [--gqa-as-mha] [--json]
+        [--batch 1] [--train] [--lora-rank R] [--generate N [--head-rows K]] [--gqa-as-mha]
+        [--json]
 """
 
 from __future__ import annotations
@@ -97,13 +98,15 @@ def forward_flops(model: QwenForCausalLM, seq_len: int, batch: int = 1, *, n_cac
 
 
 def generation_flops(model: QwenForCausalLM, prompt_len: int, decode_steps: int,
-                     batch: int = 1, *, gqa_as_mha: bool = False) -> FlopCount:
+                     batch: int = 1, *, head_rows: int | None = None,
+                     gqa_as_mha: bool = False) -> FlopCount:
     """FLOPS of a KV-cached generation, as :func:`qwenlite.generate.generate` runs it.
 
-    A prefill of ``prompt_len`` tokens (LM head on the last position only), then
-    ``decode_steps`` single-token steps, step ``i`` attending to ``prompt_len + i`` cached
-    tokens. ``generate`` with ``max_new_tokens=N`` runs ``N − 1`` decode steps when no sequence
-    stops early (the prefill yields the first new token). Parts are prefixed ``prefill.`` and
+    :func:`qwenlite.generate.generation_flops`, plus the other GQA reading: a prefill of
+    ``prompt_len`` tokens (LM head on the last position only), then ``decode_steps``
+    single-token steps, step ``i`` attending to ``prompt_len + i`` cached tokens.
+    ``generate`` with ``max_new_tokens=N`` runs ``N − 1`` decode steps when no sequence stops
+    early (the prefill yields the first new token). Parts are prefixed ``prefill.`` and
     ``decode.``.
 
     Args:
@@ -111,17 +114,26 @@ def generation_flops(model: QwenForCausalLM, prompt_len: int, decode_steps: int,
         prompt_len: padded prompt length.
         decode_steps: decode steps after the prefill (>= 0).
         batch: sequences generated together.
+        head_rows: LM-head rows computed per position when the next token is restricted to a
+            few ids (default: the whole vocabulary).
         gqa_as_mha: count K/V projections full-width.
     """
     _check_positive(prompt_len=prompt_len, batch=batch)
     if decode_steps < 0:
         raise QwenliteError(f"decode_steps must be >= 0, got {decode_steps}")
-    if not gqa_as_mha:
-        return _generation_flops(model, prompt_len, decode_steps, batch)
-    count = model.flops(prompt_len, 0, logits=1, gqa_as_mha=True).prefixed("prefill")
-    for i in range(decode_steps):
-        count += model.flops(1, prompt_len + i, logits=1, gqa_as_mha=True).prefixed("decode")
-    return count.scaled(batch)
+    count = _generation_flops(model, prompt_len, decode_steps, batch, head_rows)
+    if gqa_as_mha:
+        # The reading changes only the K/V projections and key rotation, which are per token
+        # and independent of the cache: add its difference for the prompt and for each step.
+        def extra(n: int) -> FlopCount:
+            mha, real = model.flops(n, gqa_as_mha=True), model.flops(n)
+            return FlopCount({k: v - real.get(k, 0) for k, v in mha.items()
+                              if v != real.get(k, 0)})
+
+        count += extra(prompt_len).prefixed("prefill").scaled(batch)
+        if decode_steps:
+            count += extra(1).prefixed("decode").scaled(batch * decode_steps)
+    return count
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,8 +429,8 @@ def _config_from(args) -> tuple[QwenConfig, str]:
 
 def report(config: QwenConfig, *, seq_len: int, batch: int = 1, train: bool = False,
            lora_rank: int | None = None, lora_targets: Iterable[str] = DEFAULT_TARGETS,
-           generate: int | None = None, gqa_as_mha: bool = False,
-           name: str = "") -> tuple[dict, FlopCount]:
+           generate: int | None = None, head_rows: int | None = None,
+           gqa_as_mha: bool = False, name: str = "") -> tuple[dict, FlopCount]:
     """Everything the command line prints: a JSON-ready dict, and the itemized forward.
 
     Keys of the dict: ``model``, ``config``, ``seq_len``, ``batch``, ``lora``, ``gqa_as_mha``,
@@ -457,10 +469,12 @@ def report(config: QwenConfig, *, seq_len: int, batch: int = 1, train: bool = Fa
         "layers": n_layers,
     }
     if generate is not None:
-        gen = generation_flops(model, seq_len, generate - 1, batch, gqa_as_mha=gqa_as_mha)
+        gen = generation_flops(model, seq_len, generate - 1, batch, head_rows=head_rows,
+                               gqa_as_mha=gqa_as_mha)
         prefill = sum(v for k, v in gen.items() if k.startswith("prefill."))
         out["generation"] = {"prompt_len": seq_len, "new_tokens": generate,
-                             "decode_steps": generate - 1, "prefill": prefill,
+                             "decode_steps": generate - 1, "head_rows": head_rows,
+                             "prefill": prefill,
                              "decode": gen.total() - prefill, "total": gen.total(),
                              "breakdown": summarize(gen)[0]}
     return out, fwd
@@ -490,7 +504,8 @@ def _print_report(rep: dict, fwd: FlopCount, breakdown: bool) -> None:
         rows.append(("  " + key, _fmt(e[key]), f"{e[key]:.3e}"))
     if "generation" in rep:
         g = rep["generation"]
-        rows.append((f"generation: prefill {g['prompt_len']} + {g['decode_steps']} decode steps",
+        rows.append((f"generation: prefill {g['prompt_len']} + {g['decode_steps']} decode steps"
+                     + (f", LM head {g['head_rows']} rows" if g["head_rows"] else ""),
                      _fmt(g["total"]), f"{g['total']:.3e}"))
         rows.append(("  prefill", _fmt(g["prefill"]), f"{g['prefill']:.3e}"))
         rows.append(("  decode (KV cache)", _fmt(g["decode"]), f"{g['decode']:.3e}"))
@@ -521,19 +536,25 @@ def main(argv: list[str] | None = None) -> int:
                             help="comma-separated projections to adapt (default q_proj,v_proj)")
         parser.add_argument("--generate", type=positive_int, default=None, metavar="N",
                             help="also count generating N new tokens after a seq-len prompt")
+        parser.add_argument("--head-rows", type=positive_int, default=None, metavar="K",
+                            help="with --generate: next token restricted to K ids, so the LM "
+                            "head computes K rows (default: the whole vocabulary)")
         parser.add_argument("--gqa-as-mha", action="store_true",
                             help="count K/V projections full-width (other GQA reading)")
         parser.add_argument("--breakdown", action="store_true",
                             help="print the per-component table")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         args = parser.parse_args(argv)
+        if args.head_rows is not None and args.generate is None:
+            raise QwenliteError("--head-rows applies to --generate only")
         config, name = _config_from(args)
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         if not targets:
             raise QwenliteError("--lora-targets is empty")
         rep, fwd = report(config, seq_len=args.seq_len, batch=args.batch, train=args.train,
                           lora_rank=args.lora_rank, lora_targets=targets,
-                          generate=args.generate, gqa_as_mha=args.gqa_as_mha, name=name)
+                          generate=args.generate, head_rows=args.head_rows,
+                          gqa_as_mha=args.gqa_as_mha, name=name)
         try:
             if args.json:
                 print(json.dumps(rep, indent=2))
