@@ -176,6 +176,7 @@ class Trainer:
         self.val_mask = None if val.loss_mask is None else val.loss_mask[pick]
 
         self.model = load_model(cfg.weights, dtype=torch.float32, device=self.device)
+        torch.manual_seed(cfg.seed)  # LoRA A's initialisation: same seed, same run
         apply_lora(self.model, cfg.rank, cfg.alpha, cfg.targets)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -311,7 +312,8 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
                 done = step + 1
-                record = {"step": done, "loss": float(loss), "lr": cfg.lr,
+                loss = loss.item()
+                record = {"step": done, "loss": loss, "lr": cfg.lr,
                           "tokens": done * self.tokens_per_step,
                           "flops": self.flops_at(done, evals),
                           "seconds": round(time.perf_counter() - t0, 3)}
@@ -322,7 +324,7 @@ class Trainer:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.4f}",
+                bar.set_postfix(loss=f"{loss:.4f}",
                                 val=f"{last_val:.4f}" if last_val is not None else "-",
                                 flops=fmt_flops(record["flops"]))
                 if done % cfg.save_interval == 0 or done == cfg.max_steps:

@@ -1,0 +1,164 @@
+"""python -m qwenlite.train on a tiny model: learning, exact resumption, the ledger, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, TOKENIZER_JSON, make_hf_checkpoint, requires_tokenizer
+
+from qwenlite.budget import Ledger
+from qwenlite.data import simulate_to
+from qwenlite.flops import train_step_flops
+from qwenlite.lora import apply_lora
+from qwenlite.model import load_model
+from qwenlite.train import main
+
+pytestmark = requires_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    weights = make_hf_checkpoint(base / "tiny", tied=True, kv_heads=2)
+    shutil.copy(TOKENIZER_JSON, weights / "tokenizer.json")
+    shutil.copy(TOKENIZER_JSON.parent / "tokenizer_config.json", weights)
+    data = simulate_to(base / "lv.h5", n_systems=24, n_points=20, seed=1)
+    return weights, data
+
+
+def _args(setup, run_dir, ledger, *extra):
+    weights, data = setup
+    return ["--weights", str(weights), "--data", str(data), "--out", str(run_dir),
+            "--ledger", str(ledger), "--context", "48", "--batch", "2", "--device", "cpu",
+            "--no-progress", *extra]
+
+
+def _losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_writes_the_run(setup, tmp_path):
+    run = tmp_path / "run"
+    ledger = tmp_path / "ledger.json"
+    assert main(_args(setup, run, ledger, "--lr", "3e-3", "--max-steps", "12",
+                      "--eval-interval", "6", "--save-interval", "4")) == 0
+    records = _losses(run)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
+    for name in ("config.json", "llmtime.json", "split.json", "state.pt",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+    settings = json.loads((run / "llmtime.json").read_text())
+    assert settings["alpha"] > 0
+    # the ledger holds exactly this run's FLOPS: 12 steps by the 3x rule plus 2 validations
+    weights, _ = setup
+    model = load_model(weights)
+    apply_lora(model, 4)
+    step = train_step_flops(model, 48, 2).rule
+    entry = next(iter(Ledger(ledger).load()["entries"].values()))
+    assert entry["status"] == "done" and entry["steps"] == 12
+    assert entry["flops"] == records[-1]["flops"]
+    assert 12 * step < entry["flops"] < 12 * step + 2 * 64 * model.flops(48, loss=True).total() + 1
+
+
+def _run_cli(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.Popen([sys.executable, "-m", "qwenlite.train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_9_and_resume_gives_the_identical_loss_curve(setup, tmp_path):
+    ledger = tmp_path / "ledger.json"
+    common = ("--lr", "3e-3", "--max-steps", "10", "--eval-interval", "5", "--save-interval", "2")
+    ref = tmp_path / "ref"
+    assert main(_args(setup, ref, ledger, *common)) == 0
+
+    run = tmp_path / "killed"
+    proc = _run_cli(_args(setup, run, ledger, *common))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").exists() and len(_losses_safe(run)) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(_losses_safe(run))
+    assert 5 <= done_before < 10, "the run should have been killed mid-way"
+    assert main(_args(setup, run, ledger, *common)) == 0
+    assert [r["loss"] for r in _losses(run)] == [r["loss"] for r in _losses(ref)]
+    assert [r.get("val_loss") for r in _losses(run)] == [r.get("val_loss") for r in _losses(ref)]
+    entries = Ledger(ledger).load()["entries"]
+    assert len(entries) == 2  # the resumed run updated its own entry
+    flops = sorted(e["flops"] for e in entries.values())
+    assert flops[0] == flops[1]  # ...and is charged exactly what the uninterrupted run was
+
+
+def _losses_safe(run_dir):
+    try:
+        return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    except (json.JSONDecodeError, FileNotFoundError):
+        return []
+
+
+def test_ledger_refuses_an_over_budget_run(setup, tmp_path, capsys):
+    code = main(_args(setup, tmp_path / "run", tmp_path / "ledger.json", "--max-steps", "100",
+                      "--budget", "1e9"))
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "budget" in err[0] and "steps would fit" in err[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--rank", "0"), "positive integer"),
+    (("--context", "100000"), "larger than every series"),
+    (("--lr", "abc"), "positive number"),
+    (("--dtype", "fp16"), "invalid choice"),
+])
+def test_bad_input_is_one_line(setup, tmp_path, extra, message):
+    proc = _run_cli(_args(setup, tmp_path / "run", tmp_path / "l.json", "--max-steps", "2",
+                          *extra))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert message in err
+
+
+def test_missing_weights_and_corrupt_checkpoint(setup, tmp_path, capsys):
+    weights, data = setup
+    assert main(["--weights", str(tmp_path / "nope"), "--data", str(data),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    run, ledger = tmp_path / "run", tmp_path / "ledger.json"
+    args = _args(setup, run, ledger, "--max-steps", "4", "--save-interval", "2")
+    assert main(args) == 0
+    saved = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    # a corrupt newest checkpoint: the previous one is used, nothing is lost
+    (run / "state.pt").write_bytes(b"garbage")
+    args6 = _args(setup, run, ledger, "--max-steps", "6", "--save-interval", "2")
+    assert main(args6) == 0
+    assert "unreadable" in capsys.readouterr().err
+    assert [r["step"] for r in _losses(run)] == list(range(1, 7))
+    # both corrupt: one clear line, and the run directory is left as it was
+    (run / "state.pt").write_bytes(b"garbage")
+    (run / "state.prev.pt").write_bytes(b"garbage")
+    before = sorted(p.name for p in run.rglob("*"))
+    assert main(_args(setup, run, ledger, "--max-steps", "8")) == 2
+    assert "no readable checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in run.rglob("*")) == before
+    assert saved  # the earlier adapter export existed
+
+
+def test_changed_settings_are_refused(setup, tmp_path, capsys):
+    run, ledger = tmp_path / "run", tmp_path / "ledger.json"
+    assert main(_args(setup, run, ledger, "--max-steps", "2")) == 0
+    assert main(_args(setup, run, ledger, "--max-steps", "2", "--rank", "8")) == 2
+    assert "rank=4" in capsys.readouterr().err
