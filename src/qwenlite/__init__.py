@@ -32,10 +32,11 @@ def load_model(weights: str | Path | None = None, dtype: str | torch.dtype = "fp
         A model whose call ``model(input_ids, attention_mask=None)`` returns logits
         (batch, seq, vocab).
     """
-    from qwenlite.cli import resolve_device, resolve_weights
+    from qwenlite.cli import resolve_device, resolve_dtype, resolve_weights, warn_if_slow_bf16
     from qwenlite.model.loading import load_model as _load
 
     device = resolve_device(device) if isinstance(device, str) else device
+    warn_if_slow_bf16(resolve_dtype(dtype), device)
     return _load(resolve_weights(weights), dtype=dtype, device=device)
 
 

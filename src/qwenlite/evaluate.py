@@ -25,7 +25,7 @@ import torch
 
 from qwenlite.cli import (ArgumentParser, add_data_arg, add_device_args, add_weights_arg,
                           main_guard, positive_float, positive_int, resolve_device,
-                          resolve_weights)
+                          resolve_dtype, resolve_weights, warn_if_slow_bf16)
 from qwenlite.errors import QwenliteError
 
 
@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = "adapter" if args.adapter else "zeroshot"
     out_dir = Path(args.out or f"runs/eval-{tag}-{args.split}-{k}to{h}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    warn_if_slow_bf16(resolve_dtype(args.dtype), device)
     model = load_model(weights, dtype=args.dtype, device=device)
     if args.adapter:
         load_adapter(model, Path(args.adapter) / "adapter")

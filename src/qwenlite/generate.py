@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from qwenlite.cli import (ArgumentParser, add_device_args, add_weights_arg, main_guard,
-                              positive_int,
-                              resolve_device, resolve_weights)
+                              positive_int, resolve_device, resolve_dtype, resolve_weights,
+                              warn_if_slow_bf16)
     from qwenlite.model.loading import load_model
     from qwenlite.tokenizer import Tokenizer
 
@@ -235,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--seed", type=int, default=None)
         args = parser.parse_args(argv)
         weights = resolve_weights(args.weights)
-        model = load_model(weights, dtype=args.dtype, device=resolve_device(args.device))
+        device = resolve_device(args.device)
+        warn_if_slow_bf16(resolve_dtype(args.dtype), device)
+        model = load_model(weights, dtype=args.dtype, device=device)
         tok = Tokenizer(weights)
         ids = tok.encode(args.prompt)
         if not ids:

@@ -32,7 +32,7 @@ import torch
 from qwenlite.budget import Ledger, fmt_flops
 from qwenlite.cli import (ArgumentParser, add_data_arg, add_device_args, add_weights_arg,
                           main_guard, nonnegative_int, positive_float, positive_int,
-                          resolve_device, resolve_dtype, resolve_weights)
+                          resolve_device, resolve_dtype, resolve_weights, warn_if_slow_bf16)
 from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.loss import linear_cross_entropy
 
@@ -385,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                       save_interval=args.save_interval, seed=args.seed,
                       dtype=args.dtype, targets=targets, decimals=args.decimals,
                       stride=args.stride, experiment=args.experiment)
-    resolve_dtype(cfg.dtype)
     device = resolve_device(args.device)
+    warn_if_slow_bf16(resolve_dtype(cfg.dtype), device)
     run_dir = Path(args.out or f"runs/lora-r{cfg.rank}-lr{cfg.lr:g}-ctx{cfg.context}")
     cfg.weights = str(resolve_weights(args.weights))
     cfg.data = str(resolve_data(args.data))
