@@ -50,16 +50,17 @@ def test_training_lowers_the_loss_and_writes_the_run(setup, tmp_path):
     assert main(_args(setup, run, ledger, "--lr", "3e-3", "--max-steps", "12",
                       "--eval-interval", "6", "--save-interval", "4")) == 0
     records = _losses(run)
-    assert [r["step"] for r in records] == list(range(1, 13))
+    assert [r["step"] for r in records] == list(range(0, 13))
     vals = [r["val_loss"] for r in records if "val_loss" in r]
-    assert len(vals) == 2 and vals[1] < vals[0]
-    assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
+    assert len(vals) == 3 and vals[2] < vals[1] < vals[0]  # untrained, step 6, step 12
+    steps = [r for r in records if "loss" in r]
+    assert sum(r["loss"] for r in steps[-3:]) < sum(r["loss"] for r in steps[:3])
     for name in ("config.json", "llmtime.json", "split.json", "state.pt",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (run / name).is_file(), name
     settings = json.loads((run / "llmtime.json").read_text())
     assert settings["alpha"] > 0
-    # the ledger holds exactly this run's FLOPS: 12 steps by the 3x rule plus 2 validations
+    # the ledger holds exactly this run's FLOPS: 12 steps by the 3x rule plus 3 validations
     weights, _ = setup
     model = load_model(weights)
     apply_lora(model, 4)
@@ -67,7 +68,7 @@ def test_training_lowers_the_loss_and_writes_the_run(setup, tmp_path):
     entry = next(iter(Ledger(ledger).load()["entries"].values()))
     assert entry["status"] == "done" and entry["steps"] == 12
     assert entry["flops"] == records[-1]["flops"]
-    assert 12 * step < entry["flops"] < 12 * step + 2 * 64 * model.flops(48, loss=True).total() + 1
+    assert 12 * step < entry["flops"] <= 12 * step + 3 * 64 * model.flops(48, loss=True).total()
 
 
 def _run_cli(args, **kw):
@@ -94,7 +95,7 @@ def test_kill_9_and_resume_gives_the_identical_loss_curve(setup, tmp_path):
     done_before = len(_losses_safe(run))
     assert 5 <= done_before < 10, "the run should have been killed mid-way"
     assert main(_args(setup, run, ledger, *common)) == 0
-    assert [r["loss"] for r in _losses(run)] == [r["loss"] for r in _losses(ref)]
+    assert [r.get("loss") for r in _losses(run)] == [r.get("loss") for r in _losses(ref)]
     assert [r.get("val_loss") for r in _losses(run)] == [r.get("val_loss") for r in _losses(ref)]
     entries = Ledger(ledger).load()["entries"]
     assert len(entries) == 2  # the resumed run updated its own entry
@@ -146,7 +147,7 @@ def test_missing_weights_and_corrupt_checkpoint(setup, tmp_path, capsys):
     args6 = _args(setup, run, ledger, "--max-steps", "6", "--save-interval", "2")
     assert main(args6) == 0
     assert "unreadable" in capsys.readouterr().err
-    assert [r["step"] for r in _losses(run)] == list(range(1, 7))
+    assert [r["step"] for r in _losses(run)] == list(range(0, 7))
     # both corrupt: one clear line, and the run directory is left as it was
     (run / "state.pt").write_bytes(b"garbage")
     (run / "state.prev.pt").write_bytes(b"garbage")

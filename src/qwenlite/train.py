@@ -187,8 +187,9 @@ class Trainer:
         self.tokens_per_step = cfg.context * cfg.batch
 
     def n_evals(self, upto: int) -> int:
-        """Validations run by step ``upto``: at every multiple of eval_interval and the end."""
-        n = upto // self.cfg.eval_interval if self.cfg.eval_interval else 0
+        """Validations run by step ``upto``: before the first step (the untrained reference), at
+        every multiple of eval_interval, and at the end."""
+        n = 1 + (upto // self.cfg.eval_interval if self.cfg.eval_interval else 0)
         if upto and upto == self.cfg.max_steps and (not self.cfg.eval_interval
                                                    or upto % self.cfg.eval_interval):
             n += 1
@@ -278,7 +279,7 @@ class Trainer:
         self.ledger_key = str(self.run_dir.resolve())
         self.prepare()
         start, evals = self.load_state()
-        self._truncate_metrics(start)
+        self._truncate_metrics(start if evals else -1)
         planned_evals = self.n_evals(cfg.max_steps) - evals
         planned = self.flops_at(cfg.max_steps - start, max(planned_evals, 0))
         self.ledger.plan(self.ledger_key, cfg.experiment or self.run_dir.name, "train",
@@ -298,6 +299,12 @@ class Trainer:
         ids_all, mask_all = self.train_windows.input_ids, self.train_windows.loss_mask
         last_val = None
         t0 = time.perf_counter()
+        if evals == 0:  # the untrained model's validation loss: the reference for the curve
+            last_val = self.validate()
+            evals = 1
+            metrics.write(json.dumps({"step": 0, "val_loss": last_val, "tokens": 0,
+                                      "flops": self.flops_at(0, evals)}) + "\n")
+            metrics.flush()
         try:
             for step in range(start, cfg.max_steps):
                 idx = torch.as_tensor(self.batches.indices(step))
