@@ -21,7 +21,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qwenlite.cli import main_guard, positive_int, weights_dir_from
+from qwenlite.cli import ArgumentParser, main_guard, positive_int, weights_dir_from
 from qwenlite.errors import QwenliteError
 from qwenlite.generate import generation_flops as _generation_flops
 from qwenlite.lora import DEFAULT_TARGETS, LoRALinear, apply_lora
@@ -411,13 +410,6 @@ def breakdown_table(count: FlopCount) -> str:
 # Command line.
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors become one-line :class:`QwenliteError`."""
-
-    def error(self, message: str):  # noqa: D102
-        raise QwenliteError(message)
-
-
 def _config_from(args) -> tuple[QwenConfig, str]:
     if args.weights is not None:
         directory = weights_dir_from(args.weights)
@@ -517,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m qwenlite.flops``: print the FLOPS tables (or JSON)."""
     @main_guard
     def run() -> int:
-        parser = _Parser(prog="python -m qwenlite.flops",
+        parser = ArgumentParser(prog="python -m qwenlite.flops",
                          description="FLOPS of a forward pass, training step or generation, by "
                          "the coursework's rules (see docs/flops.md).")
         source = parser.add_mutually_exclusive_group()
