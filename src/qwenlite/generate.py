@@ -103,6 +103,8 @@ def generate(
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     p_len = int(lengths.max())
     total = p_len + max_new_tokens
+    if not 0 <= pad_token_id < model.config.vocab_size:
+        pad_token_id = 0  # any in-range id will do: padding is never attended to
     input_ids = torch.full((b, p_len), pad_token_id, dtype=torch.long, device=device)
     attention_mask = torch.ones((b, total), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):

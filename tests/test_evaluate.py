@@ -1,0 +1,135 @@
+"""python -m qwenlite.evaluate on a tiny model: parse failures, batching, outputs, the ledger."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+from conftest import TOKENIZER_JSON, make_hf_checkpoint, requires_tokenizer
+
+from qwenlite.budget import Ledger
+from qwenlite.data import load_dataset, simulate_to
+from qwenlite.evaluate import llm_forecast, main
+from qwenlite.model import load_model
+from qwenlite.preprocessor import LLMTimeSettings, encode, fit_alpha
+from qwenlite.tokenizer import Tokenizer
+
+pytestmark = requires_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval")
+    weights = make_hf_checkpoint(base / "tiny", tied=True, kv_heads=2)
+    shutil.copy(TOKENIZER_JSON, weights / "tokenizer.json")
+    shutil.copy(TOKENIZER_JSON.parent / "tokenizer_config.json", weights)
+    data = simulate_to(base / "lv.h5", n_systems=30, n_points=24, seed=2)
+    return weights, data
+
+
+def test_garbage_output_is_counted_not_fatal(setup):
+    weights, data = setup
+    model, tok = load_model(weights), Tokenizer(weights)
+    traj = load_dataset(data).trajectories.astype(float)
+    settings = fit_alpha(traj, LLMTimeSettings())
+    fc = llm_forecast(model, tok, settings, traj[:5, :10], 4, batch=5, progress=False)
+    assert fc.values.shape == (5, 4, 2) and np.isfinite(fc.values).all()
+    # a random tiny model writes digits and separators in no valid order
+    assert fc.n_missing.sum() + fc.n_invalid.sum() > 0
+    assert all(set(t) <= set("0123456789.,;") for t in fc.texts)
+    assert fc.flops > 0
+
+
+def test_batched_forecasts_equal_one_by_one(setup):
+    weights, data = setup
+    model, tok = load_model(weights), Tokenizer(weights)
+    traj = load_dataset(data).trajectories.astype(float)
+    settings = fit_alpha(traj, LLMTimeSettings())
+    contexts = traj[:3, :8].copy()
+    contexts[1] *= 8  # two-digit scaled values: a longer prompt, so the batch is left-padded
+    lengths = {len(tok.encode(encode(c, settings)))
+               for c in contexts}
+    assert len(lengths) > 1
+    batched = llm_forecast(model, tok, settings, contexts, 3, batch=3, progress=False)
+    single = llm_forecast(model, tok, settings, contexts, 3, batch=1, progress=False)
+    assert batched.texts == single.texts
+    np.testing.assert_array_equal(batched.values, single.values)
+
+
+def test_cli_writes_metrics_predictions_figures_and_ledger(setup, tmp_path, capsys):
+    weights, data = setup
+    ledger = tmp_path / "ledger.json"
+    out = tmp_path / "eval"
+    code = main(["--weights", str(weights), "--data", str(data), "--context-steps", "12",
+                 "--horizon", "4", "--systems", "4", "--out", str(out), "--ledger", str(ledger),
+                 "--device", "cpu", "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "val" and metrics["systems"] == 4
+    assert set(metrics["results"]) == {"qwen", "persistence", "linear", "lv_ode"}
+    assert len(metrics["results"]["qwen"]["by_horizon"]["mae"]) == 4
+    for name in ("predictions.npz", "forecasts.png", "error_vs_horizon.png"):
+        assert (out / name).is_file()
+    preds = np.load(out / "predictions.npz")
+    assert preds["truth"].shape == (4, 4, 2) and preds["pred_qwen"].shape == (4, 4, 2)
+    entry = next(iter(Ledger(ledger).load()["entries"].values()))
+    assert entry["kind"] == "eval" and entry["flops"] == metrics["generation_flops"] > 0
+    # the validation systems are the split's, and never the test ones unless asked
+    from qwenlite.data import split_systems
+
+    split = split_systems(30, seed=0)
+    assert preds["systems"].tolist() == list(split.val[:4])
+    assert "qwen" in capsys.readouterr().out
+
+
+def test_samples_give_crps_and_test_split_needs_asking(setup, tmp_path):
+    weights, data = setup
+    out = tmp_path / "eval"
+    code = main(["--weights", str(weights), "--data", str(data), "--context-steps", "10",
+                 "--horizon", "3", "--systems", "3", "--samples", "3", "--split", "test",
+                 "--out", str(out), "--ledger", str(tmp_path / "l.json"), "--device", "cpu",
+                 "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["split"] == "test" and "crps" in metrics["results"]["qwen"]
+    assert np.load(out / "predictions.npz")["samples"].shape == (3, 3, 3, 2)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--context-steps", "90", "--horizon", "20"], "exceed"),
+    (["--samples", "2", "--temperature", "0"], "temperature"),
+    (["--adapter", "/nonexistent", "--context-steps", "10", "--horizon", "3"],
+     "not a training run directory"),
+    (["--split", "train"], "invalid choice"),
+])
+def test_bad_input(setup, tmp_path, capsys, extra, message):
+    weights, data = setup
+    # argparse rejects bad choices by exiting; everything else returns status 2
+    with pytest.raises(SystemExit) if message == "invalid choice" else nullcontext():
+        code = main(["--weights", str(weights), "--data", str(data), "--out",
+                     str(tmp_path / "e"), "--ledger", str(tmp_path / "l.json"), *extra])
+        assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_adapter_run_uses_its_split_and_alpha(setup, tmp_path):
+    from qwenlite.data import Split
+    from qwenlite.train import main as train
+
+    weights, data = setup
+    run = tmp_path / "run"
+    assert train(["--weights", str(weights), "--data", str(data), "--out", str(run),
+                  "--ledger", str(tmp_path / "l.json"), "--context", "48", "--batch", "2",
+                  "--max-steps", "2", "--seed", "5", "--lr", "1e-2", "--no-progress"]) == 0
+    out = tmp_path / "eval"
+    assert main(["--weights", str(weights), "--data", str(data), "--adapter", str(run),
+                 "--context-steps", "10", "--horizon", "3", "--systems", "3", "--out", str(out),
+                 "--ledger", str(tmp_path / "l.json"), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["alpha"] == json.loads((run / "llmtime.json").read_text())["alpha"]
+    systems = np.load(out / "predictions.npz")["systems"].tolist()
+    assert systems == Split.load(run / "split.json").val[:3].tolist()
