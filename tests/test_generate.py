@@ -68,11 +68,16 @@ def test_sampling_is_seeded_and_top_p_narrows(model):
 
 
 def test_generation_flops_sum_prefill_and_steps(model):
-    out = generate(model, _prompts(3), 6, eos_token_id=[])
+    out = generate(model, _prompts(3), 6, eos_token_id=[])  # prompts of 5, 9, 7 tokens
     expected = model.flops(out.prompt_len, 0, logits=1).total()
-    expected += sum(model.flops(1, out.prompt_len + i, logits=1).total() for i in range(out.steps))
+    # left-padded: every decode step adds a padding mask to its scores
+    expected += sum(model.flops(1, out.prompt_len + i, logits=1, masked=True).total()
+                    for i in range(out.steps))
     assert out.flops.total() == 3 * expected
-    assert generation_flops(model, out.prompt_len, out.steps, 3).total() == out.flops.total()
+    assert generation_flops(model, out.prompt_len, out.steps, 3,
+                            padded=True).total() == out.flops.total()
+    same = generate(model, _prompts(3, lengths=(6, 6)), 4, eos_token_id=[])
+    assert same.flops.total() == generation_flops(model, 6, same.steps, 2).total()
 
 
 def test_bad_arguments(model):

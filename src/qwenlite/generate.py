@@ -187,12 +187,13 @@ def generate(
     rows = generated.tolist()
     tokens = [row[:n] for row, n in zip(rows, lengths_out)]
     flops = generation_flops(model, p_len, steps, b,
-                             head_rows=None if sub_ids is None else len(sub_ids))
+                             head_rows=None if sub_ids is None else len(sub_ids), padded=padded)
     return GenerationOutput(tokens, reasons, p_len, steps, t1 - t0, t2 - t1, flops)
 
 
 def generation_flops(model: QwenForCausalLM, prompt_len: int, decode_steps: int,
-                     batch: int = 1, head_rows: int | None = None) -> FlopCount:
+                     batch: int = 1, head_rows: int | None = None,
+                     padded: bool = False) -> FlopCount:
     """FLOPS of a batched generation as :func:`generate` runs it: a prefill of ``prompt_len``
     tokens (LM head on the last position only), then ``decode_steps`` single-token steps, step
     ``i`` attending to ``prompt_len + i`` cached tokens. Counted on the padded length, since the
@@ -201,12 +202,14 @@ def generation_flops(model: QwenForCausalLM, prompt_len: int, decode_steps: int,
     Args:
         head_rows: vocabulary rows of the LM head computed per position when the next token is
             restricted to a few ids (default: the whole vocabulary).
+        padded: prompts of different lengths were left-padded, so decode steps add a mask too.
     """
     logits = 1 if head_rows is None else 0
     count = model.flops(prompt_len, 0, logits=logits).prefixed("prefill")
     for i in range(decode_steps + 1):
         if i:
-            count += model.flops(1, prompt_len + i - 1, logits=logits).prefixed("decode")
+            count += model.flops(1, prompt_len + i - 1, logits=logits,
+                                 masked=padded).prefixed("decode")
         if head_rows is not None:
             phase = "decode" if i else "prefill"
             count[f"{phase}.lm_head.matmul"] = count.get(f"{phase}.lm_head.matmul", 0) + \
