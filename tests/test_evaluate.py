@@ -77,6 +77,7 @@ def test_cli_writes_metrics_predictions_figures_and_ledger(setup, tmp_path, caps
     assert preds["truth"].shape == (4, 4, 2) and preds["pred_qwen"].shape == (4, 4, 2)
     entry = next(iter(Ledger(ledger).load()["entries"].values()))
     assert entry["kind"] == "eval" and entry["flops"] == metrics["generation_flops"] > 0
+    assert entry["tokens"] > 4 * 12 * 10  # at least the prompts: 4 systems, 12 steps, ~10 each
     # the validation systems are the split's, and never the test ones unless asked
     from qwenlite.data import split_systems
 

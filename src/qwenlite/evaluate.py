@@ -40,6 +40,7 @@ class Forecasts:
         n_invalid: (S,) fields that could not be parsed (summed over samples).
         texts: the generated text of the first sample per system.
         flops: FLOPS of all generation (prefill + decode), batch and samples included.
+        tokens: prompt tokens (padding included) plus generated tokens, over all batches.
     """
 
     values: np.ndarray
@@ -49,6 +50,7 @@ class Forecasts:
     texts: list[str]
     flops: int
     seconds: float
+    tokens: int = 0
 
 
 def forecast_token_ids(tok, settings) -> tuple[list[int], int]:
@@ -94,7 +96,7 @@ def llm_forecast(model, tok, settings, contexts: np.ndarray, horizon: int, *, ba
     n_missing = np.zeros(s_count, dtype=int)
     n_invalid = np.zeros(s_count, dtype=int)
     texts = [""] * s_count
-    flops = 0
+    flops = tokens = 0
 
     def stop(generated: torch.Tensor) -> torch.Tensor:
         return (generated == sep_id).sum(-1) >= horizon
@@ -109,8 +111,9 @@ def llm_forecast(model, tok, settings, contexts: np.ndarray, horizon: int, *, ba
                            pad_token_id=tok.pad_token_id or 0, allowed_tokens=allowed,
                            stop_fn=stop)
             flops += gen.flops.total()
-            for i, tokens in zip(chunk, gen.tokens):
-                text = tok.decode(tokens)
+            tokens += len(chunk) * gen.prompt_len + sum(len(t) for t in gen.tokens)
+            for i, new_ids in zip(chunk, gen.tokens):
+                text = tok.decode(new_ids)
                 result = decode(text, settings, n_vars=n_vars)
                 values, missing = pad_forecast(result.values[:horizon], horizon, contexts[i])
                 out[k, i] = values
@@ -121,7 +124,8 @@ def llm_forecast(model, tok, settings, contexts: np.ndarray, horizon: int, *, ba
             bar.update(len(chunk))
     bar.close()
     point = np.median(out, axis=0) if samples > 1 else out[0]
-    return Forecasts(point, out, n_missing, n_invalid, texts, flops, time.perf_counter() - t0)
+    return Forecasts(point, out, n_missing, n_invalid, texts, flops, time.perf_counter() - t0,
+                     tokens)
 
 
 def score(pred: np.ndarray, truth: np.ndarray, context: np.ndarray, alpha: float) -> dict:
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                         **{f"pred_{n}": p for n, p in preds.items()})
     plot(out_dir, dataset.time, contexts, truth, preds,
          {n: r["by_horizon"]["mae"] for n, r in results.items()})
-    ledger.record(key, fc.flops, steps=0, tokens=0, status="done", systems=len(systems))
+    ledger.record(key, fc.flops, steps=0, tokens=fc.tokens, status="done", systems=len(systems),
+                  seconds=round(fc.seconds, 1))
 
     rows = []
     for name, r in results.items():
