@@ -52,6 +52,20 @@ def make_hf_checkpoint(directory: Path, *, tied: bool = True, kv_heads: int = 2,
     return directory
 
 
+def make_forecasting_setup(directory: Path, n_systems: int, n_points: int, seed: int):
+    """A tiny checkpoint carrying the real Qwen2.5 tokenizer (LLMTIME's digits and separators
+    have ids below its 128-token vocabulary) and a small simulated dataset."""
+    import shutil
+
+    from qwenlite.data import simulate_to
+
+    weights = make_hf_checkpoint(directory / "tiny", tied=True, kv_heads=2)
+    shutil.copy(TOKENIZER_JSON, weights / "tokenizer.json")
+    shutil.copy(TOKENIZER_JSON.parent / "tokenizer_config.json", weights)
+    data = simulate_to(directory / "lv.h5", n_systems=n_systems, n_points=n_points, seed=seed)
+    return weights, data
+
+
 def load_hf(directory: Path, dtype=torch.float32):
     transformers = pytest.importorskip("transformers")
     return transformers.Qwen2ForCausalLM.from_pretrained(

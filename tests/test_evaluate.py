@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
 from contextlib import nullcontext
 
 import numpy as np
 import pytest
-from conftest import TOKENIZER_JSON, make_hf_checkpoint, requires_tokenizer
+from conftest import make_forecasting_setup, requires_tokenizer
 
 from qwenlite.budget import Ledger
-from qwenlite.data import load_dataset, simulate_to
+from qwenlite.data import load_dataset
 from qwenlite.evaluate import llm_forecast, main
 from qwenlite.model import load_model
 from qwenlite.preprocessor import LLMTimeSettings, encode, fit_alpha
@@ -22,12 +21,7 @@ pytestmark = requires_tokenizer
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("eval")
-    weights = make_hf_checkpoint(base / "tiny", tied=True, kv_heads=2)
-    shutil.copy(TOKENIZER_JSON, weights / "tokenizer.json")
-    shutil.copy(TOKENIZER_JSON.parent / "tokenizer_config.json", weights)
-    data = simulate_to(base / "lv.h5", n_systems=30, n_points=24, seed=2)
-    return weights, data
+    return make_forecasting_setup(tmp_path_factory.mktemp("eval"), 30, 24, seed=2)
 
 
 def test_garbage_output_is_counted_not_fatal(setup):

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, TOKENIZER_JSON, make_hf_checkpoint, requires_tokenizer
+from conftest import ROOT, make_forecasting_setup, requires_tokenizer
 
 from qwenlite.budget import Ledger
-from qwenlite.data import simulate_to
 from qwenlite.flops import train_step_flops
 from qwenlite.lora import apply_lora
 from qwenlite.model import load_model
@@ -25,12 +23,7 @@ pytestmark = requires_tokenizer
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("train")
-    weights = make_hf_checkpoint(base / "tiny", tied=True, kv_heads=2)
-    shutil.copy(TOKENIZER_JSON, weights / "tokenizer.json")
-    shutil.copy(TOKENIZER_JSON.parent / "tokenizer_config.json", weights)
-    data = simulate_to(base / "lv.h5", n_systems=24, n_points=20, seed=1)
-    return weights, data
+    return make_forecasting_setup(tmp_path_factory.mktemp("train"), 24, 20, seed=1)
 
 
 def _args(setup, run_dir, ledger, *extra):

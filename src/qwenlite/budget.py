@@ -11,7 +11,6 @@ so concurrent runs and crashes cannot corrupt the ledger.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as _dt
 import json

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from qwenlite.errors import DataError, QwenliteError
+from qwenlite.io import atomic_write_text, read_json_object
 from qwenlite.preprocessor import LLMTimeSettings, encode
 
 CACHE_ENV = "QWENLITE_CACHE"
@@ -307,20 +308,11 @@ class Split:
         return cls(**parts, seed=seed)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict()) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Split:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DataError(f"no split file at {path}") from None
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read split {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise DataError(f"split {path} is not a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, "split file", DataError))
 
 
 def split_systems(n_systems: int, seed: int = 0,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 from qwenlite.cli import DEFAULT_REPO, DEFAULT_WEIGHTS_DIR, ArgumentParser, main_guard
 from qwenlite.hub import download

@@ -219,7 +219,6 @@ def generation_flops(model: QwenForCausalLM, prompt_len: int, decode_steps: int,
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m qwenlite.generate --prompt TEXT``: continue a prompt with a checkpoint."""
-    import argparse
 
     from qwenlite.cli import (ArgumentParser, add_device_args, add_weights_arg, main_guard,
                               positive_int, resolve_device, resolve_dtype, resolve_weights,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qwenlite.errors import CheckpointError, QwenliteError
+from qwenlite.io import atomic_write_text, read_json_object
 from qwenlite.model.counting import FlopCount, linear_flops, matmul_flops
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -183,20 +184,13 @@ def save_adapter(model: nn.Module, directory: str | Path,
     tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / ADAPTER_WEIGHTS)
-    tmp = directory / (ADAPTER_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    tmp.replace(directory / ADAPTER_CONFIG)
+    atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2))
     return directory
 
 
 def read_adapter_config(directory: str | Path) -> dict:
     path = Path(directory) / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"no {ADAPTER_CONFIG} in {directory}") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    config = read_json_object(path, "adapter config", CheckpointError)
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{path} is not a LoRA adapter (peft_type {config.get('peft_type')!r})")
     return config

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from qwenlite.errors import QwenliteError
+from qwenlite.io import atomic_write_text, read_json_object
 
 DIGITS = "0123456789"
 
@@ -91,20 +92,11 @@ class LLMTimeSettings:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> LLMTimeSettings:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise QwenliteError(f"no LLMTIME settings file at {path}") from None
-        except (OSError, ValueError) as exc:
-            raise QwenliteError(f"cannot read LLMTIME settings {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise QwenliteError(f"LLMTIME settings {path} is not a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, "LLMTIME settings file"))
 
 
 @dataclass

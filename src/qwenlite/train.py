@@ -34,6 +34,7 @@ from qwenlite.cli import (ArgumentParser, add_data_arg, add_device_args, add_wei
                           main_guard, nonnegative_int, positive_float, positive_int,
                           resolve_device, resolve_dtype, resolve_weights, warn_if_slow_bf16)
 from qwenlite.errors import CheckpointError, QwenliteError
+from qwenlite.io import atomic_write_text, read_json_object
 from qwenlite.loss import linear_cross_entropy
 
 STATE = "state.pt"
@@ -74,12 +75,6 @@ class TrainConfig:
         raw = dict(raw)
         raw["targets"] = tuple(raw.get("targets", ()))
         return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -248,7 +243,7 @@ class Trainer:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError):
                 break  # a line cut by a crash ends the readable log
-        _atomic_write_text(path, "".join(x + "\n" for x in kept))
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
 
     # ----- the loop -------------------------------------------------------------------------
     def autocast(self):
@@ -399,9 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg.data = str(resolve_data(args.data))
     config_file = run_dir / "config.json"
     if config_file.exists():
+        raw = read_json_object(config_file, "run config", CheckpointError)
         try:
-            old = TrainConfig.from_dict(json.loads(config_file.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
+            old = TrainConfig.from_dict(raw)
+        except TypeError as exc:
             raise CheckpointError(f"{config_file} is unreadable ({exc})") from None
         diff = [f.name for f in dataclasses.fields(cfg) if f.name not in TrainConfig.RESUMABLE
                 and getattr(old, f.name) != getattr(cfg, f.name)]
@@ -411,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{run_dir} holds a run with {name}={getattr(old, name)!r}, not "
                 f"{getattr(cfg, name)!r}; use another --out for a new run")
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(config_file, json.dumps(cfg.to_dict(), indent=2))
+    atomic_write_text(config_file, json.dumps(cfg.to_dict(), indent=2))
     ledger = Ledger(args.ledger, budget=args.budget)
     result = Trainer(cfg, run_dir, device, ledger, progress=not args.no_progress).run()
     summary = {k: v for k, v in result.items() if v is not None}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,16 +102,9 @@ class QwenConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> QwenConfig:
         """Read an HF ``config.json`` (``rope_theta`` or ``rope_parameters.rope_theta``)."""
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"no config.json at {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path} does not hold a JSON object")
-        return cls.from_dict(raw)
+        from qwenlite.io import read_json_object
+
+        return cls.from_dict(read_json_object(path, "model config", CheckpointError))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
