@@ -75,12 +75,15 @@ def max_tokens_for(settings, horizon: int, n_vars: int, int_digits: int = 3) -> 
 
 def llm_forecast(model, tok, settings, contexts: np.ndarray, horizon: int, *, batch: int = 32,
                  samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 progress: bool = True) -> Forecasts:
+                 progress: bool = True, on_batch=None) -> Forecasts:
     """Forecast ``horizon`` steps after each context with the language model.
 
     Args:
         contexts: (S, k, V) in original units.
         samples: forecasts per system (> 1 needs ``temperature > 0``).
+        on_batch: called as ``on_batch(flops, tokens)`` with the totals so far after every
+            batch (the evaluator records them in the ledger, so an interrupted evaluation is
+            still charged for what it spent).
     """
     from tqdm import tqdm
 
@@ -112,6 +115,8 @@ def llm_forecast(model, tok, settings, contexts: np.ndarray, horizon: int, *, ba
                            stop_fn=stop)
             flops += gen.flops.total()
             tokens += len(chunk) * gen.prompt_len + sum(len(t) for t in gen.tokens)
+            if on_batch is not None:
+                on_batch(flops, tokens)
             for i, new_ids in zip(chunk, gen.tokens):
                 text = tok.decode(new_ids)
                 result = decode(text, settings, n_vars=n_vars)
@@ -288,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fc = llm_forecast(model, tok, settings, contexts, h, batch=args.batch, samples=args.samples,
                       temperature=temperature, top_p=args.top_p, seed=args.seed,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress,
+                      on_batch=lambda f, t: ledger.record(key, f, tokens=t))
     preds = {"qwen": fc.values}
     t0 = time.perf_counter()
     for name, fn in BASELINES.items():
