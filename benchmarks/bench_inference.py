@@ -28,7 +28,7 @@ from qwenlite.tokenizer import Tokenizer
 
 def bench_qwenlite(weights, dtype, prompts, new_tokens, fwd_ids):
     model = load_model(weights, dtype=dtype)
-    generate(model, [p[:32] for p in prompts[:2]], 2, eos_token_id=[])  # warm-up
+    generate(model, prompts, 2, eos_token_id=[])  # warm-up at full size
     out = generate(model, prompts, new_tokens, eos_token_id=[])
     with torch.inference_mode():
         fwd_s, _ = timed(lambda: model(fwd_ids), repeats=1, warmup=0)
@@ -49,7 +49,7 @@ def bench_transformers(weights, dtype, prompts, new_tokens, fwd_ids, pad_id):
     kwargs = dict(do_sample=False, pad_token_id=pad_id, eos_token_id=None, top_k=None,
                   top_p=None, temperature=None)
     with torch.inference_mode():
-        model.generate(ids[:2, -32:], attention_mask=mask[:2, -32:], max_new_tokens=2, **kwargs)
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, **kwargs)  # full-size warm-up
         # Prefill as generate() runs it: the prompt forward with a cache, logits of the last token.
         prefill_s, _ = timed(lambda: model(ids, attention_mask=mask, use_cache=True,
                                            logits_to_keep=1))
