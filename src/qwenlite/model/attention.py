@@ -89,7 +89,9 @@ class Attention(nn.Module):
         q = RotaryEmbedding.apply(q, cos, sin)
         k = RotaryEmbedding.apply(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, cache_start, k, v)
+            k_all, v_all = cache.update(self.layer_idx, cache_start, k, v)
+            if cache_start:  # a prefill attends to its own fresh (contiguous) keys and values
+                k, v = k_all, v_all
         causal = mask is None and n > 1
         if self.impl == "eager":
             out = self._eager(q, k, v, mask, causal)
