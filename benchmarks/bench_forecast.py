@@ -98,7 +98,7 @@ def main() -> None:
         del model
         free_memory()
         hf_s, hf_fc = transformers_forecast(weights, dtype, tok, settings, contexts, args.horizon)
-        agree = np.mean([np.allclose(a, b[: len(a)]) and len(b) == args.horizon
+        agree = np.mean([len(b) == args.horizon and np.allclose(a, b)
                          for a, b in zip(ours.values, hf_fc)])
         rows.append([name, f"{ours.seconds:.2f}", f"{hf_s:.2f}", f"{job / ours.seconds:.2f}",
                      f"{job / hf_s:.2f}", f"{hf_s / ours.seconds:.2f}x", f"{100 * agree:.0f}%"])
