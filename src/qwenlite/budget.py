@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from qwenlite.errors import BudgetError, QwenliteError
+from qwenlite.io import atomic_write_text
 
 DEFAULT_BUDGET = 1e17
 LEDGER_ENV = "QWENLITE_LEDGER"
@@ -75,12 +76,7 @@ class Ledger:
         return data
 
     def _write(self, data: dict) -> None:
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(data, indent=2))
 
     def load(self) -> dict:
         """A snapshot of the ledger (budget and entries)."""
