@@ -48,6 +48,26 @@ def matmul_rate(dtype: torch.dtype) -> float:
     return best
 
 
+def matmul_rates(dtype: torch.dtype) -> dict[str, float]:
+    """The reference rates for a run in ``dtype``: ``native``, torch's own matmul in that dtype
+    (what transformers runs on), and ``units``, the matmul qwenlite's run actually executes — the
+    fp32 rate when bf16 matmuls are emulated on fp32 units (``qwenlite.model.kernels``)."""
+    from qwenlite.model import kernels
+
+    native = matmul_rate(dtype)
+    if dtype == torch.bfloat16 and kernels.bf16_matmul_mode() == "emulate":
+        return {"native": native, "units": matmul_rate(torch.float32)}
+    return {"native": native, "units": native}
+
+
+def describe_rates(name: str, rates: dict[str, float]) -> str:
+    text = f"[{name}] torch {name} matmul rate {rates['native'] / 1e9:.1f} GFLOPS"
+    if rates["units"] != rates["native"]:
+        text += (f"; qwenlite runs {name} matmuls exactly on the fp32 units "
+                 f"(QWENLITE_BF16_MATMUL=emulate): fp32 matmul rate {rates['units'] / 1e9:.1f} GFLOPS")
+    return text
+
+
 def llmtime_prompts(tokenizer, n_prompts: int, steps: int, data: str | None = None) -> list[list[int]]:
     """Token ids of the first ``steps`` timesteps of ``n_prompts`` systems, LLMTIME-encoded."""
     from qwenlite.data import load_dataset, resolve_data

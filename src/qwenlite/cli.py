@@ -94,22 +94,19 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
-def bf16_is_emulated(device: torch.device | str) -> bool:
-    """True on an x86 Linux CPU without bf16 instructions (AVX512-BF16/AMX), where torch emulates
-    bf16 matmuls several times slower than fp32 (measured here: ~20 vs ~130 GFLOPS)."""
-    if torch.device(device).type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx2" in flags and "avx512_bf16" not in flags and "amx_bf16" not in flags
-
-
 def warn_if_slow_bf16(dtype: torch.dtype, device: torch.device | str) -> None:
-    if dtype == torch.bfloat16 and bf16_is_emulated(device):
-        print("note: this CPU has no bf16 instructions; bf16 runs several times slower than "
-              "fp32 here (use --dtype fp32 on this machine)", file=sys.stderr)
+    """On a CPU without bf16 units, say how bf16 matmuls will run (see ``qwenlite.model.kernels``)."""
+    from qwenlite.model import kernels
+
+    if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
+        return
+    try:
+        mode = kernels.bf16_matmul_mode()
+    except ValueError as exc:
+        raise QwenliteError(str(exc)) from None
+    if mode == "native" and kernels.cpu_lacks_bf16():
+        print(f"note: this CPU has no bf16 instructions and ${kernels.ENV}=native: bf16 matmuls "
+              "run several times slower than fp32 here", file=sys.stderr)
 
 
 def weights_dir_from(arg: str | os.PathLike | None) -> Path:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwenlite.model import kernels
 from qwenlite.model.counting import FlopCount, matmul_flops
 from qwenlite.model.decoder import QwenForCausalLM
 
@@ -137,7 +138,7 @@ def generate(
         h = model(ids, logits_to_keep=1, return_hidden=True, **kwargs)[:, -1]
         if sub_ids is None:
             return model._head(h[:, None])[:, 0]
-        return h @ head.T
+        return kernels.linear(h, head)
 
     cache = model.new_cache(b, total)
     _sync(device)

@@ -20,6 +20,7 @@ from torch import nn
 from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io import atomic_write_text, read_json_object
 from qwenlite.model.counting import FlopCount, linear_flops, matmul_flops
+from qwenlite.model.kernels import Linear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -46,8 +47,8 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / r
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
+        self.lora_A = Linear(base.in_features, r, bias=False, **factory)
+        self.lora_B = Linear(r, base.out_features, bias=False, **factory)
         self.merged = False
         self.reset_parameters()
 

@@ -10,8 +10,12 @@ smaller than the logits. Same FLOPS, a fraction of the memory, no (tokens × voc
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
+
+from qwenlite.model import kernels
 
 CHUNK = 256
 
@@ -24,19 +28,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(h) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            logits = (h[s:e] @ weight.T).float()
-            tgt = targets[s:e]
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, tgt[:, None]).squeeze(1)
-            w = token_weights[s:e]
-            total += ((lse - picked) * w).sum()
-            if need_grad:
-                probs = torch.exp_(logits.sub_(lse[:, None]))
-                probs[torch.arange(e - s, device=h.device), tgt] -= 1.0
-                probs.mul_((w / denom)[:, None])
-                grad_h[s:e] = (probs.to(weight.dtype) @ weight).to(h.dtype)
+        # bf16 on a CPU without bf16 units: the same bf16 matmuls, run on the fp32 units.
+        emulate = kernels.emulating(h)
+        bf16 = torch.bfloat16
+        w = kernels.as_bf16_fp32(weight) if emulate else weight
+        with torch.autocast("cpu", enabled=False) if emulate else nullcontext():
+            for s in range(0, n, chunk):
+                e = min(s + chunk, n)
+                hs = h[s:e].to(bf16).float() if emulate else h[s:e]
+                logits = hs @ w.T
+                logits = logits.to(bf16).float() if emulate else logits.float()
+                tgt = targets[s:e]
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, tgt[:, None]).squeeze(1)
+                tw = token_weights[s:e]
+                total += ((lse - picked) * tw).sum()
+                if need_grad:
+                    probs = torch.exp_(logits.sub_(lse[:, None]))
+                    probs[torch.arange(e - s, device=h.device), tgt] -= 1.0
+                    probs.mul_((tw / denom)[:, None])
+                    if emulate:
+                        grad = (probs.to(bf16).float() @ w).to(bf16)
+                    else:
+                        grad = probs.to(weight.dtype) @ weight
+                    grad_h[s:e] = grad.to(h.dtype)
         if need_grad:
             ctx.save_for_backward(grad_h)
         return total / denom

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from qwenlite.model import kernels
 from qwenlite.model.counting import EXP, FlopCount, linear_flops, matmul_flops
+from qwenlite.model.kernels import Linear
 from qwenlite.model.rope import RotaryEmbedding
 
 
@@ -56,10 +57,10 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
         self.impl = "sdpa"
 
     def forward(
@@ -96,7 +97,7 @@ class Attention(nn.Module):
         if self.impl == "eager":
             out = self._eager(q, k, v, mask, causal)
         else:
-            out = F.scaled_dot_product_attention(
+            out = kernels.attention(
                 q, k, v, attn_mask=mask, is_causal=causal,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )

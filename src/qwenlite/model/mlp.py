@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlite.model.counting import EXP, FlopCount, linear_flops
+from qwenlite.model.kernels import Linear
 
 
 class SwiGLU(nn.Module):
@@ -14,9 +15,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq, hidden) -> (batch, seq, hidden)."""

@@ -1,0 +1,185 @@
+"""bf16 matmuls emulated on the fp32 units (qwenlite.model.kernels) against torch's bf16 kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenlite.loss import linear_cross_entropy
+from qwenlite.model import kernels
+from qwenlite.model.config import QwenConfig
+from qwenlite.model.loading import init_random
+
+BF16 = torch.bfloat16
+ULP = 2.0 ** -7  # bf16 spacing relative to a value in [1, 2)
+
+
+@pytest.fixture
+def mode():
+    """Set the bf16 matmul mode for one test; restore the environment's afterwards."""
+    yield kernels.set_bf16_matmul
+    kernels.set_bf16_matmul(None)
+
+
+def assert_bf16_close(actual, expected, ulps=2.0):
+    """Equal up to a couple of bf16 roundings (the order of the fp32 sums differs)."""
+    assert actual.dtype == expected.dtype
+    a, e = actual.float(), expected.float()
+    scale = e.abs().max().clamp(min=1e-6)
+    assert (a - e).abs().max() <= ulps * ULP * scale
+
+
+def test_emulated_linear_is_a_bf16_gemm(mode):
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, 96).to(BF16)
+    w = nn.Parameter(torch.randn(80, 96).to(BF16), requires_grad=False)
+    b = nn.Parameter(torch.randn(80).to(BF16), requires_grad=False)
+    mode("native")
+    native = kernels.linear(x, w, b)
+    mode("emulate")
+    emulated = kernels.linear(x, w, b)
+    assert emulated.dtype == BF16 and emulated.shape == native.shape
+    assert_bf16_close(emulated, native)
+    # Most elements round to the very same bf16 number; the rest differ by one rounding.
+    assert (emulated == native).float().mean() > 0.95
+
+
+def test_modes_and_environment(mode, monkeypatch):
+    x = torch.zeros(2, 4, dtype=BF16)
+    mode("native")
+    assert not kernels.emulating(x)
+    mode("emulate")
+    assert kernels.emulating(x)
+    assert not kernels.emulating(x.float())  # an fp32 matmul outside autocast is left alone
+    with torch.autocast("cpu", dtype=BF16):
+        assert kernels.emulating(x.float())
+    mode(None)
+    monkeypatch.setenv(kernels.ENV, "native")
+    assert kernels.bf16_matmul_mode() == "native"
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(ValueError, match="QWENLITE_BF16_MATMUL"):
+        kernels.bf16_matmul_mode()
+    with pytest.raises(ValueError):
+        mode("fast")
+
+
+def test_autocast_forward_and_backward_match_native(mode):
+    """Training path: fp32 weights under bf16 autocast, a frozen base and a trainable weight."""
+    torch.manual_seed(1)
+    frozen = kernels.Linear(64, 48)
+    frozen.requires_grad_(False)
+    trained = kernels.Linear(48, 32, bias=False)
+    x0 = torch.randn(5, 64)
+
+    def run():
+        trained.zero_grad()
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=BF16):
+            y = trained(torch.relu(frozen(x)))
+        y.float().square().sum().backward()
+        return y, x.grad, trained.weight.grad.clone()
+
+    mode("native")
+    y_n, gx_n, gw_n = run()
+    mode("emulate")
+    y_e, gx_e, gw_e = run()
+    assert y_e.dtype == BF16
+    assert_bf16_close(y_e, y_n)
+    torch.testing.assert_close(gx_e, gx_n, rtol=4 * ULP, atol=4 * ULP * gx_n.abs().max().item())
+    torch.testing.assert_close(gw_e, gw_n, rtol=4 * ULP, atol=4 * ULP * gw_n.abs().max().item())
+
+
+def test_frozen_copy_is_kept_and_refreshed(mode):
+    mode("emulate")
+    layer = kernels.Linear(8, 4, bias=False).to(BF16).requires_grad_(False)
+    first = kernels.as_bf16_fp32(layer.weight)
+    assert kernels.as_bf16_fp32(layer.weight) is first
+    assert torch.equal(first, layer.weight.float())
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # an in-place change, as a LoRA merge makes
+    refreshed = kernels.as_bf16_fp32(layer.weight)
+    assert refreshed is not first and torch.equal(refreshed, layer.weight.float())
+    # A trainable weight is converted per call, so that its gradient flows.
+    layer.weight.requires_grad_(True)
+    assert kernels.as_bf16_fp32(layer.weight).requires_grad
+
+
+def test_copy_made_while_generating_serves_training(mode):
+    """The fp32 copy built under inference_mode must be usable in a later backward."""
+    mode("emulate")
+    frozen = kernels.Linear(16, 16).requires_grad_(False)
+    with torch.inference_mode():
+        frozen(torch.randn(2, 16).to(BF16))
+    x = torch.randn(2, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=BF16):
+        frozen(x).float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_attention_matches_native(mode):
+    torch.manual_seed(2)
+    q = torch.randn(2, 4, 9, 16).to(BF16)
+    k = torch.randn(2, 2, 9, 16).to(BF16)
+    v = torch.randn(2, 2, 9, 16).to(BF16)
+    mode("native")
+    native = kernels.attention(q, k, v, is_causal=True, enable_gqa=True)
+    mode("emulate")
+    emulated = kernels.attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert emulated.dtype == BF16
+    assert_bf16_close(emulated, native, ulps=4)
+
+
+def test_fused_loss_matches_native_under_autocast(mode):
+    torch.manual_seed(3)
+    head = nn.Parameter(torch.randn(300, 32) * 0.1, requires_grad=False)
+    h0 = torch.randn(40, 32)
+    targets = torch.randint(0, 300, (40,))
+
+    def run():
+        h = h0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=BF16):
+            loss = linear_cross_entropy(h, head, targets, chunk=16)
+        loss.backward()
+        return loss.detach(), h.grad
+
+    mode("native")
+    loss_n, g_n = run()
+    mode("emulate")
+    loss_e, g_e = run()
+    torch.testing.assert_close(loss_e, loss_n, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(g_e, g_n, rtol=4 * ULP, atol=4 * ULP * g_n.abs().max().item())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bf16_model_emulated_is_as_close_to_fp32_as_native(mode, tied):
+    """A whole bf16 model: emulation gives bf16 results, as far from fp32 as torch's bf16 is."""
+    cfg = dataclasses.replace(QwenConfig.from_name("tiny"), tie_word_embeddings=tied)
+    model = init_random(cfg, seed=4)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = model(ids)
+        model.to(BF16)
+        mode("native")
+        native = model(ids)
+        decode_native = model(ids[:, :1])  # a skinny call goes through the W·hᵀ head
+        mode("emulate")
+        emulated = model(ids)
+        decode_emulated = model(ids[:, :1])
+    assert emulated.dtype == BF16
+    err_native = (native.float() - ref).abs().max()
+    err_emulated = (emulated.float() - ref).abs().max()
+    assert err_emulated <= 2 * err_native + 1e-3
+    assert (emulated.float() - native.float()).abs().max() <= 2 * err_native + 1e-3
+    assert_bf16_close(decode_emulated, decode_native, ulps=4)
+
+
+def test_fp32_models_are_untouched(mode):
+    """Outside bf16 the layers are plain F.linear, bit for bit."""
+    mode("emulate")
+    layer = kernels.Linear(12, 7)
+    x = torch.randn(3, 12)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
