@@ -108,6 +108,23 @@ def test_frozen_copy_is_kept_and_refreshed(mode):
     assert kernels.as_bf16_fp32(layer.weight).requires_grad
 
 
+def test_wide_matmuls_keep_no_copy(mode):
+    """Prefill and training convert per call; only skinny (decode) matmuls keep an fp32 copy,
+    which wide ones then reuse."""
+    mode("emulate")
+    layer = kernels.Linear(8, 4, bias=False).to(BF16).requires_grad_(False)
+    wide = kernels.SKINNY_ROWS + 1
+    a = kernels.as_bf16_fp32(layer.weight, rows=wide)
+    assert kernels.as_bf16_fp32(layer.weight, rows=wide) is not a  # nothing was kept
+    with torch.no_grad():
+        layer(torch.randn(wide, 8).to(BF16))
+    assert kernels.as_bf16_fp32(layer.weight, rows=wide) is not a
+    with torch.no_grad():
+        layer(torch.randn(2, 8).to(BF16))  # a decode-sized call keeps one
+    kept = kernels.as_bf16_fp32(layer.weight, rows=1)
+    assert kernels.as_bf16_fp32(layer.weight, rows=wide) is kept
+
+
 def test_copy_made_while_generating_serves_training(mode):
     """The fp32 copy built under inference_mode must be usable in a later backward."""
     mode("emulate")
@@ -183,3 +200,16 @@ def test_fp32_models_are_untouched(mode):
     layer = kernels.Linear(12, 7)
     x = torch.randn(3, 12)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("rows", [1, 8, kernels.SKINNY_ROWS])
+def test_decode_layout_equals_linear(rows):
+    """The W·xᵀ layout used for a decode step's widening projections: same values, contiguous."""
+    torch.manual_seed(5)
+    x = torch.randn(rows, 1, 32)
+    w = torch.randn(96, 32)
+    b = torch.randn(96)
+    with torch.no_grad():
+        out = kernels.linear(x, w, b)
+    assert out.is_contiguous() and out.shape == (rows, 1, 96)
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)

@@ -31,7 +31,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # bf16 on a CPU without bf16 units: the same bf16 matmuls, run on the fp32 units.
         emulate = kernels.emulating(h)
         bf16 = torch.bfloat16
-        w = kernels.as_bf16_fp32(weight) if emulate else weight
+        w = kernels.as_bf16_fp32(weight, rows=n) if emulate else weight
         with torch.autocast("cpu", enabled=False) if emulate else nullcontext():
             for s in range(0, n, chunk):
                 e = min(s + chunk, n)

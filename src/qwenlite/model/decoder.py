@@ -174,7 +174,8 @@ class QwenForCausalLM(nn.Module):
             if h.dtype == torch.float32 and not kernels.emulating(h):
                 w, x = self.lm_head.weight, h
             elif kernels.emulating(h):
-                w, x = kernels.as_bf16_fp32(self.lm_head.weight), h.to(torch.bfloat16).float()
+                w = kernels.as_bf16_fp32(self.lm_head.weight, rows)
+                x = h.to(torch.bfloat16).float()
             else:
                 return self.lm_head(h)
             out = (w @ x.reshape(rows, -1).T).T.reshape(*h.shape[:2], -1)
