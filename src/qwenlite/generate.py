@@ -137,7 +137,7 @@ def generate(
     def next_logits(ids, **kwargs):
         h = model(ids, logits_to_keep=1, return_hidden=True, **kwargs)[:, -1]
         if sub_ids is None:
-            return model._head(h[:, None])[:, 0]
+            return model.lm_head(h)
         return kernels.linear(h, head)
 
     cache = model.new_cache(b, total)

@@ -7,7 +7,6 @@ from torch import nn
 
 from qwenlite.model.attention import Attention, KVCache
 from qwenlite.model.config import QwenConfig
-from qwenlite.model import kernels
 from qwenlite.model.counting import EXP, LOG, FlopCount, linear_flops
 from qwenlite.model.kernels import Linear
 from qwenlite.model.mlp import SwiGLU
@@ -164,22 +163,6 @@ class QwenForCausalLM(nn.Module):
             h = h[:, -logits_to_keep:]
         if return_hidden:
             return h
-        return self._head(h)
-
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        rows = h.shape[0] * h.shape[1]
-        if rows <= 32 and h.device.type == "cpu" and isinstance(self.lm_head, nn.Linear):
-            # A few rows against the 151936×d head: CPU BLAS runs fp32 W·hᵀ about 1.8× faster
-            # than h·Wᵀ for this skinny shape, and the head dominates a decode step.
-            if h.dtype == torch.float32 and not kernels.emulating(h):
-                w, x = self.lm_head.weight, h
-            elif kernels.emulating(h):
-                w = kernels.as_bf16_fp32(self.lm_head.weight, rows)
-                x = h.to(torch.bfloat16).float()
-            else:
-                return self.lm_head(h)
-            out = (w @ x.reshape(rows, -1).T).T.reshape(*h.shape[:2], -1)
-            return out.to(torch.bfloat16) if kernels.emulating(h) else out
         return self.lm_head(h)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:

@@ -21,6 +21,7 @@ on any CPU.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -36,6 +37,7 @@ _mode: str | None = None
 _cache = WeakTensorKeyDictionary()
 
 
+@functools.cache
 def cpu_lacks_bf16() -> bool:
     """True on an x86 Linux CPU with AVX2 but without AVX512-BF16/AMX-BF16."""
     try:
@@ -60,18 +62,8 @@ def bf16_matmul_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"${ENV} must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "auto":
-        return "emulate" if _cpu_lacks_bf16_cached() else "native"
+        return "emulate" if cpu_lacks_bf16() else "native"
     return mode
-
-
-_lacks: bool | None = None
-
-
-def _cpu_lacks_bf16_cached() -> bool:
-    global _lacks
-    if _lacks is None:
-        _lacks = cpu_lacks_bf16()
-    return _lacks
 
 
 def emulating(x: torch.Tensor) -> bool:
@@ -111,6 +103,13 @@ def as_bf16_fp32(t: torch.Tensor, rows: int = 1) -> torch.Tensor:
     return value
 
 
+def _on_fp32_units(op, x: torch.Tensor, *operands) -> torch.Tensor:
+    """``op(x, *operands)`` as a bf16 op computes it: ``x`` rounded to bf16, the operands already
+    bf16 values held in fp32 (or None), fp32 arithmetic, the result rounded to bf16."""
+    with torch.autocast("cpu", enabled=False):
+        return op(x.to(torch.bfloat16).float(), *operands).to(torch.bfloat16)
+
+
 class _FrozenLinear(torch.autograd.Function):
     """bf16 ``x·Wᵀ + b`` on the fp32 units for a frozen W and b. Keeps W itself (not an fp32
     copy) for the backward, which computes ``grad_x = round_bf16(grad·W)`` the same way."""
@@ -118,10 +117,8 @@ class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         rows = x.numel() // max(x.shape[-1], 1)
-        w = as_bf16_fp32(weight, rows)
         b = None if bias is None else as_bf16_fp32(bias, rows)
-        with torch.autocast("cpu", enabled=False):
-            out = F.linear(x.to(torch.bfloat16).float(), w, b).to(torch.bfloat16)
+        out = _on_fp32_units(F.linear, x, as_bf16_fp32(weight, rows), b)
         ctx.save_for_backward(weight)
         ctx.x_dtype = x.dtype
         return out
@@ -130,9 +127,8 @@ class _FrozenLinear(torch.autograd.Function):
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
         rows = grad.numel() // max(grad.shape[-1], 1)
-        with torch.autocast("cpu", enabled=False):
-            grad_x = grad.to(torch.bfloat16).float() @ as_bf16_fp32(weight, rows)
-        return grad_x.to(torch.bfloat16).to(ctx.x_dtype), None, None
+        grad_x = _on_fp32_units(torch.matmul, grad, as_bf16_fp32(weight, rows))
+        return grad_x.to(ctx.x_dtype), None, None
 
 
 def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -164,17 +160,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     if _is_skinny(x, weight, bias):
         rows = x.numel() // x.shape[-1]
-        w = as_bf16_fp32(weight, rows)
         b = None if bias is None else as_bf16_fp32(bias, rows)
-        with torch.autocast("cpu", enabled=False):
-            return _skinny(x.to(torch.bfloat16).float(), w, b).to(torch.bfloat16)
+        return _on_fp32_units(_skinny, x, as_bf16_fp32(weight, rows), b)
     grad = torch.is_grad_enabled()
     if not (grad and (weight.requires_grad or (bias is not None and bias.requires_grad))):
         return _FrozenLinear.apply(x, weight, bias)
-    w = as_bf16_fp32(weight)
     b = None if bias is None else as_bf16_fp32(bias)
-    with torch.autocast("cpu", enabled=False):
-        return F.linear(x.to(torch.bfloat16).float(), w, b).to(torch.bfloat16)
+    return _on_fp32_units(F.linear, x, as_bf16_fp32(weight), b)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
