@@ -46,7 +46,14 @@ def _baddbmm(bias, a, b, *args, out_shape=None, **kwargs):
     return _bmm(a, b)
 
 
-COURSEWORK_MATMUL = {aten.mm: _mm, aten.addmm: _addmm, aten.bmm: _bmm, aten.baddbmm: _baddbmm}
+def _onednn_linear(x, w, *args, out_shape=None, **kwargs):
+    # a decode step's linear through a prepacked weight (qwenlite.model.kernels): x (rows, in),
+    # w (out, in)
+    return _mm(x, (w[1], w[0]))
+
+
+COURSEWORK_MATMUL = {aten.mm: _mm, aten.addmm: _addmm, aten.bmm: _bmm, aten.baddbmm: _baddbmm,
+                     torch.ops.mkldnn._linear_pointwise: _onednn_linear}
 
 
 def counter() -> FlopCounterMode:

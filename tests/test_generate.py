@@ -68,14 +68,19 @@ def test_sampling_is_seeded_and_top_p_narrows(model):
 
 
 def test_generation_flops_sum_prefill_and_steps(model):
-    out = generate(model, _prompts(3), 6, eos_token_id=[])  # prompts of 5, 9, 7 tokens
-    expected = model.flops(out.prompt_len, 0, logits=1).total()
+    lengths = (5, 9, 7)
     # left-padded: every decode step adds a padding mask to its scores
-    expected += sum(model.flops(1, out.prompt_len + i, logits=1, masked=True).total()
-                    for i in range(out.steps))
-    assert out.flops.total() == 3 * expected
-    assert generation_flops(model, out.prompt_len, out.steps, 3,
-                            padded=True).total() == out.flops.total()
+    decode = sum(model.flops(1, 9 + i, logits=1, masked=True).total() for i in range(5))
+    batched = generate(model, _prompts(3, lengths), 6, eos_token_id=[],
+                       per_sequence_prefill=False)
+    assert batched.steps == 5 and batched.prompt_len == 9
+    assert batched.flops.total() == 3 * (model.flops(9, 0, logits=1).total() + decode)
+    assert generation_flops(model, 9, 5, 3, padded=True).total() == batched.flops.total()
+    # prefilled one by one, each prompt costs its own length
+    own = generate(model, _prompts(3, lengths), 6, eos_token_id=[], per_sequence_prefill=True)
+    prefill = sum(model.flops(n, 0, logits=1).total() for n in lengths)
+    assert own.flops.total() == prefill + 3 * decode
+    assert own.flops.total() < batched.flops.total()
     same = generate(model, _prompts(3, lengths=(6, 6)), 4, eos_token_id=[])
     assert same.flops.total() == generation_flops(model, 6, same.steps, 2).total()
 
@@ -87,3 +92,23 @@ def test_bad_arguments(model):
         generate(model, [[1], []], 4)
     with pytest.raises(ValueError):
         generate(model, [[1]], 0)
+
+
+def test_per_sequence_prefill_equals_the_padded_batch(model):
+    """Prefilling each prompt at its own length into its row of the cache gives the same next-token
+    logits at every step as one padded, masked prefill."""
+    prompts = _prompts(4, lengths=(3, 11, 7, 11))
+    seen = {}
+
+    def recorder(key):
+        def hook(logits, generated):
+            seen.setdefault(key, []).append(logits.clone())
+            return logits
+        return hook
+
+    outs = {flag: generate(model, prompts, 6, eos_token_id=[], per_sequence_prefill=flag,
+                           logits_hook=recorder(flag)) for flag in (False, True)}
+    assert outs[True].tokens == outs[False].tokens
+    assert len(seen[True]) == len(seen[False]) == 6
+    for ours, theirs in zip(seen[True], seen[False]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

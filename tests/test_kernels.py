@@ -108,10 +108,11 @@ def test_frozen_copy_is_kept_and_refreshed(mode):
     assert kernels.as_bf16_fp32(layer.weight).requires_grad
 
 
-def test_wide_matmuls_keep_no_copy(mode):
-    """Prefill and training convert per call; only skinny (decode) matmuls keep an fp32 copy,
-    which wide ones then reuse."""
+def test_wide_matmuls_keep_no_copy(mode, monkeypatch):
+    """Prefill and training convert per call; only skinny (decode) matmuls keep an fp32 copy
+    (prepacked where oneDNN is available), which wide ones then reuse."""
     mode("emulate")
+    monkeypatch.setenv(kernels.PACK_ENV, "0")
     layer = kernels.Linear(8, 4, bias=False).to(BF16).requires_grad_(False)
     wide = kernels.SKINNY_ROWS + 1
     a = kernels.as_bf16_fp32(layer.weight, rows=wide)
@@ -119,6 +120,7 @@ def test_wide_matmuls_keep_no_copy(mode):
     with torch.no_grad():
         layer(torch.randn(wide, 8).to(BF16))
     assert kernels.as_bf16_fp32(layer.weight, rows=wide) is not a
+    assert layer.weight not in kernels._packed
     with torch.no_grad():
         layer(torch.randn(2, 8).to(BF16))  # a decode-sized call keeps one
     kept = kernels.as_bf16_fp32(layer.weight, rows=1)
@@ -202,14 +204,46 @@ def test_fp32_models_are_untouched(mode):
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
+@pytest.mark.parametrize("pack", ["1", "0"])
 @pytest.mark.parametrize("rows", [1, 8, kernels.SKINNY_ROWS])
-def test_decode_layout_equals_linear(rows):
-    """The W·xᵀ layout used for a decode step's widening projections: same values, contiguous."""
+def test_decode_layout_equals_linear(rows, pack, monkeypatch):
+    """A decode step's few rows, through a prepacked weight or in the W·xᵀ layout: the values of
+    F.linear, contiguous."""
+    monkeypatch.setenv(kernels.PACK_ENV, pack)
     torch.manual_seed(5)
     x = torch.randn(rows, 1, 32)
-    w = torch.randn(96, 32)
-    b = torch.randn(96)
+    for out_features in (96, 20):  # widening, and not
+        w = nn.Parameter(torch.randn(out_features, 32), requires_grad=False)
+        b = torch.randn(out_features)
+        for weight in (w, w.detach()):  # a parameter (may be packed), a plain tensor (never)
+            with torch.no_grad():
+                out = kernels.linear(x, weight, b)
+            assert out.is_contiguous() and out.shape == (rows, 1, out_features)
+            torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        assert (w in kernels._packed) == (pack == "1" and kernels.packing_enabled())
+
+
+@pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_packed_weight_is_kept_and_refreshed(mode, dtype, monkeypatch):
+    """The packed copy is made once, and made anew after an in-place change (a LoRA merge)."""
+    mode("emulate")
+    monkeypatch.setenv(kernels.PACK_ENV, "1")
+    layer = kernels.Linear(16, 40, bias=True).to(dtype).requires_grad_(False)
+    x = torch.randn(4, 16).to(dtype)
     with torch.no_grad():
-        out = kernels.linear(x, w, b)
-    assert out.is_contiguous() and out.shape == (rows, 1, 96)
-    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        first = layer(x)
+        packed = kernels._packed[layer.weight][1]
+        layer(x)
+        assert kernels._packed[layer.weight][1] is packed
+        layer.weight.add_(0.5)
+        second = layer(x)
+    assert kernels._packed[layer.weight][1] is not packed
+    with torch.no_grad():
+        mode("native")
+        expected = F.linear(x, layer.weight, layer.bias)
+    assert second.dtype == dtype and not torch.allclose(second.float(), first.float())
+    if dtype == BF16:
+        assert_bf16_close(second, expected, ulps=2)
+    else:
+        torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)

@@ -40,6 +40,16 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def window(self, row: int, offset: int) -> KVCache:
+        """Sequence ``row`` of the cache from position ``offset`` on, as a one-sequence cache
+        that shares this one's memory: a prompt prefilled through it with ``cache_start=0`` (plain
+        causal attention, no mask) lands where the left-padded batch expects it."""
+        view = object.__new__(KVCache)
+        view.k = self.k[:, row:row + 1, :, offset:]
+        view.v = self.v[:, row:row + 1, :, offset:]
+        view.max_len = self.max_len - offset
+        return view
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with ``num_key_value_heads`` shared K/V heads.

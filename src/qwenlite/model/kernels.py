@@ -10,13 +10,17 @@ This matters on x86 CPUs without AVX512-BF16/AMX (most laptops, AMD Zen 2/3): th
 back to a generic bf16 loop that runs ~6× slower than fp32 BLAS (measured: ~20 vs ~125 GFLOPS
 on a 2-core Zen 3). In the default ``auto`` mode qwenlite computes every bf16 matmul on such a
 CPU this way — ``Linear`` layers, attention, the LM head and the fused loss, both for a bf16
-model and under bf16 autocast — so a bf16 model runs at fp32 speed with bf16 results. The price
-is memory when decoding: a skinny matmul cannot amortise the conversion, so a frozen weight that
-one uses keeps an fp32 copy of its bf16 values (4 more bytes per parameter). Wide matmuls
-(prefill, training) convert per call and keep nothing.
+model and under bf16 autocast — so a bf16 model runs at fp32 speed with bf16 results. Wide
+matmuls (prefill, training) convert per call and keep nothing.
 
-``QWENLITE_BF16_MATMUL=native`` (or :func:`set_bf16_matmul`) turns this off; ``emulate`` forces it
-on any CPU.
+Decode steps, in fp32 and in bf16 alike, are a different problem: a few rows through every
+weight, so their speed is how fast the weights stream from memory. There a frozen parameter keeps
+a copy of its (bf16-rounded) values in fp32, reordered once into oneDNN's blocked layout, which
+streams fastest (:func:`_decode_linear`); that costs 4 more bytes per parameter while generating.
+``QWENLITE_PACK_WEIGHTS=0`` keeps plain fp32 copies instead (bf16 models; fp32 ones keep none).
+
+``QWENLITE_BF16_MATMUL=native`` (or :func:`set_bf16_matmul`) turns emulation off; ``emulate``
+forces it on any CPU.
 """
 
 from __future__ import annotations
@@ -83,9 +87,9 @@ SKINNY_ROWS = 64
 def as_bf16_fp32(t: torch.Tensor, rows: int = 1) -> torch.Tensor:
     """``t`` rounded to bf16, held in fp32, for a matmul over ``rows`` input rows.
 
-    A frozen parameter used by a skinny matmul (``rows <= SKINNY_ROWS``: a decode step) keeps the
-    result, refreshed when the parameter changes in place (e.g. by a LoRA merge); converting it
-    anew would cost more than the matmul. A wide matmul reuses a kept copy if there is one and
+    A frozen parameter used by a skinny matmul (``rows <= SKINNY_ROWS``: a decode step without
+    prepacked weights, or a bias) keeps the result, refreshed when the parameter changes in place
+    (e.g. by a LoRA merge); converting it anew would cost more than the matmul. A wide matmul reuses a kept copy if there is one and
     otherwise converts per call — a fraction of a percent of its time, and no memory kept. A
     trainable tensor is converted per call and stays differentiable.
     """
@@ -131,37 +135,94 @@ class _FrozenLinear(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None, None
 
 
-def _skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x·Wᵀ + b`` for a few rows as ``(W·xᵀ)ᵀ``."""
-    x2 = x.reshape(-1, x.shape[-1])
-    out = (weight @ x2.T).T.contiguous()
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+PACK_ENV = "QWENLITE_PACK_WEIGHTS"
+_packed = WeakTensorKeyDictionary()
 
 
-def _is_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """A decode step's few rows through a widening projection (the MLP's gate and up, the LM
-    head), without autograd, on the CPU: there BLAS streams W from memory faster as ``W·xᵀ``
-    (measured, 8 rows through 896→4864 in the model: 1.85 vs 2.9 ms; the other projections are
-    slower that way, so they keep ``x·Wᵀ``)."""
+@functools.cache
+def _onednn_linear() -> bool:
+    """Whether torch has oneDNN's prepacked linear here and it computes ``F.linear``."""
+    try:
+        w = torch.randn(24, 16)
+        x = torch.randn(3, 16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(out, F.linear(x, w), rtol=1e-4, atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def packing_enabled() -> bool:
+    """Whether decode steps use prepacked weights: ``$QWENLITE_PACK_WEIGHTS`` is not ``0`` and
+    torch has oneDNN's linear."""
+    return os.environ.get(PACK_ENV, "1").strip() != "0" and _onednn_linear()
+
+
+def _packed_weight(weight: nn.Parameter, rows: int, bf16: bool) -> torch.Tensor:
+    """``weight`` (rounded to bf16 if ``bf16``, held in fp32) reordered once into oneDNN's
+    blocked layout; refreshed when the parameter changes in place (e.g. by a LoRA merge)."""
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape, bf16)
+    hit = _packed.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    _packed.pop(weight, None)  # free the stale copy before making the new one
+    with torch.inference_mode(False), torch.no_grad():
+        w = weight.detach()
+        w = w.to(torch.bfloat16).float() if bf16 else w.float()
+        value = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+    _packed[weight] = (key, value)
+    return value
+
+
+def _is_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A decode step's few rows (at most ``SKINNY_ROWS``) on the CPU, without autograd."""
     return (x.device.type == "cpu" and x.numel() <= SKINNY_ROWS * x.shape[-1]
-            and weight.shape[0] >= 2 * weight.shape[1]
             and not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, weight, bias))))
 
 
+def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``x·Wᵀ + b`` for a decode step's few rows, in fp32 (an emulated bf16 matmul rounds its
+    input and output to bf16).
+
+    A decode step streams every weight from memory for a few rows, and how fast BLAS streams it
+    depends on the layout. A parameter is reordered once into oneDNN's blocked layout and kept
+    (4 bytes per parameter more): measured on a 2-core Zen 3, all of a 0.5B model's matmuls for
+    8 rows take 125 ms so, against 208 ms as BLAS runs them at best. Without oneDNN (or with
+    ``QWENLITE_PACK_WEIGHTS=0``) widening projections (the MLP's gate and up, the LM head) run as
+    ``W·xᵀ``, faster than ``x·Wᵀ`` there (1.85 vs 2.9 ms for 8 rows through 896→4864), the
+    others as ``x·Wᵀ``.
+    """
+    bf16 = emulating(x)
+    rows = x.numel() // x.shape[-1]
+    x2 = x.reshape(rows, x.shape[-1])
+    x2 = x2.to(torch.bfloat16).float() if bf16 else x2
+    if bias is not None:
+        bias = as_bf16_fp32(bias, rows) if bf16 else bias
+    with torch.autocast("cpu", enabled=False):
+        if isinstance(weight, nn.Parameter) and packing_enabled():
+            out = torch.ops.mkldnn._linear_pointwise(
+                x2, _packed_weight(weight, rows, bf16), bias, "none", [], "")
+        else:
+            w = as_bf16_fp32(weight, rows) if bf16 else weight
+            if w.shape[0] >= 2 * w.shape[1]:
+                out = (w @ x2.T).T.contiguous()
+                out = out if bias is None else out + bias
+            else:
+                out = F.linear(x2, w, bias)
+    out = out.reshape(*x.shape[:-1], weight.shape[0])
+    return out.to(torch.bfloat16) if bf16 else out
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with bf16 semantics on the fp32 units where :func:`emulating`; a decode
-    step's few rows on the CPU in the layout BLAS runs fastest."""
-    if not emulating(x):
-        if x.dtype == torch.float32 and weight.dtype == torch.float32 and _is_skinny(x, weight, bias):
-            return _skinny(x, weight, bias)
+    step's few rows on the CPU through :func:`_decode_linear`."""
+    emulate = emulating(x)
+    if (emulate or x.dtype == weight.dtype == torch.float32) and _is_decode(x, weight, bias):
+        return _decode_linear(x, weight, bias)
+    if not emulate:
         return F.linear(x, weight, bias)
-    if _is_skinny(x, weight, bias):
-        rows = x.numel() // x.shape[-1]
-        b = None if bias is None else as_bf16_fp32(bias, rows)
-        return _on_fp32_units(_skinny, x, as_bf16_fp32(weight, rows), b)
     grad = torch.is_grad_enabled()
     if not (grad and (weight.requires_grad or (bias is not None and bias.requires_grad))):
         return _FrozenLinear.apply(x, weight, bias)

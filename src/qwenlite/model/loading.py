@@ -16,6 +16,7 @@ import torch
 from qwenlite.errors import CheckpointError
 from qwenlite.model.config import QwenConfig
 from qwenlite.model.decoder import QwenForCausalLM
+from qwenlite.model.memory import keep_freed_memory
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -52,6 +53,9 @@ def load_model(
         weights: directory with ``config.json`` and ``model.safetensors`` (or an index + shards).
         dtype: ``torch.float32``/``torch.bfloat16`` or ``"fp32"``/``"bf16"``.
         device: where the parameters go.
+
+    Also tunes glibc malloc to keep freed memory (:mod:`qwenlite.model.memory`).
+
     Raises:
         CheckpointError: one line naming the file/tensor and what was expected vs found.
     """
@@ -60,6 +64,7 @@ def load_model(
     from qwenlite.cli import resolve_dtype
 
     dtype = resolve_dtype(dtype)
+    keep_freed_memory()
     directory = Path(weights)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")

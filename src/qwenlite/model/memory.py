@@ -1,0 +1,53 @@
+"""Keep freed tensor memory in the process (glibc), so large temporaries stop page-faulting.
+
+torch's CPU allocator takes every tensor from ``malloc``. glibc serves a block of more than
+32 MB at most (its adaptive ``mmap`` threshold) with a fresh ``mmap`` and gives it back to the
+kernel on ``free``. A 4×512-token training step makes hundreds of such temporaries (a
+(4, 512, 4864) MLP activation is 40 MB, a 256-row chunk of logits 155 MB), and each is handed
+out as untouched pages: the kernel faults and zeroes them page by page on first write. Measured
+on a 2-core Zen 3: ``a * b`` on two (4, 512, 4864) fp32 tensors takes 18 ms with a fresh
+result against 3–4 ms into an existing one; ``log_softmax`` of (256, 151936) 88 against 27 ms.
+A whole fp32 LoRA step at 4×512 went from 47 to 37 s.
+
+:func:`keep_freed_memory` raises glibc's ``mmap`` threshold to 1 GiB and stops it trimming the
+heap, so freed blocks are reused instead of being returned and faulted in again. The process
+keeps its high-water mark of memory rather than shrinking between steps; peak memory is the
+same. It is called by :func:`qwenlite.model.load_model`. ``QWENLITE_MALLOC=system`` leaves
+malloc as it is; on other C libraries (macOS, Windows, musl) it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import sys
+
+from qwenlite.errors import QwenliteError
+
+ENV = "QWENLITE_MALLOC"
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 30
+TRIM_THRESHOLD = 2**31 - 1
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Tune glibc malloc once per process (see the module doc); True if it was tuned."""
+    setting = os.environ.get(ENV, "keep").strip().lower() or "keep"
+    if setting not in ("keep", "system"):
+        raise QwenliteError(f"${ENV} must be 'keep' or 'system', got {setting!r}")
+    if setting == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # only glibc has both  # noqa: B018
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
