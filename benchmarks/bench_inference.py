@@ -9,6 +9,9 @@ convention: an (m×n)(n×p) matmul is m·p·(2n−1)).
     QWENLITE_WEIGHTS=/path/to/checkpoint python benchmarks/bench_inference.py
     python benchmarks/bench_inference.py --weights DIR --dtypes bf16 --prompts 8 --new-tokens 100
 
+Both implementations run in this one process, so they share its malloc setting (``--malloc``;
+by default the one qwenlite makes, ``qwenlite.model.memory``).
+
 Say which checkpoint produced any figure you quote (the offline stand-in is not the official
 Qwen2.5-0.5B-Instruct, but has its exact architecture, so timings carry over).
 """
@@ -16,6 +19,7 @@ Qwen2.5-0.5B-Instruct, but has its exact architecture, so timings carry over).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -76,7 +80,11 @@ def main() -> None:
     parser.add_argument("--forward-seq", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--malloc", choices=["keep", "system"], default="keep",
+                        help="glibc malloc for the whole run, both implementations: keep freed "
+                             "memory (qwenlite's setting, qwenlite.model.memory) or as it is")
     args = parser.parse_args()
+    os.environ["QWENLITE_MALLOC"] = args.malloc
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = weights_from_args(args.weights)
@@ -84,11 +92,15 @@ def main() -> None:
     prompts = llmtime_prompts(tok, args.prompts, args.prompt_steps, args.data)
     gen = torch.Generator().manual_seed(0)
     fwd_ids = torch.randint(0, 151000, (args.forward_batch, args.forward_seq), generator=gen)
-    print(f"checkpoint {weights}; {machine()}")
+    from qwenlite.model.memory import keep_freed_memory
+
+    malloc = "keep freed memory" if keep_freed_memory() else "system"
+    print(f"checkpoint {weights}; {machine()}; malloc ({malloc}) shared by both implementations")
     print(f"generation: {len(prompts)} prompts of {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens, {args.new_tokens} new tokens, greedy; "
           f"forward: {args.forward_batch}x{args.forward_seq}")
-    results = {"machine": machine(), "weights": str(weights), "args": vars(args), "runs": {}}
+    results = {"machine": machine(), "weights": str(weights), "args": vars(args),
+               "malloc": malloc, "runs": {}}
     rows = []
     for name in args.dtypes:
         dtype = DTYPES[name]

@@ -8,6 +8,11 @@ gradients of frozen matrices, from :func:`qwenlite.flops.train_step_flops`) — 
 matmul rates measured in the same run (torch's in the dtype, and for qwenlite the fp32 one where it
 runs bf16 matmuls on the fp32 units), and each implementation's peak RSS.
 
+qwenlite tunes glibc malloc to keep freed memory (``qwenlite.model.memory``: large temporaries
+stop page-faulting). That is a process setting any program could make, so transformers+PEFT runs
+both as it is and with the same setting (``--baseline-malloc``), and the speed-up is printed
+against each.
+
     QWENLITE_WEIGHTS=DIR python benchmarks/bench_train.py [--batch 4 --seq 512 --dtypes fp32 bf16]
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +31,9 @@ from common import (DTYPES, describe_rates, fmt_table, machine, matmul_rates, pe
 
 
 def worker(impl: str, weights: str, dtype: str, batch: int, seq: int, steps: int) -> dict:
+    from qwenlite.model.memory import keep_freed_memory
+
+    malloc = "keep" if keep_freed_memory() else "system"  # $QWENLITE_MALLOC, set by main()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 151000, (batch, seq), generator=gen)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
@@ -64,7 +73,7 @@ def worker(impl: str, weights: str, dtype: str, batch: int, seq: int, steps: int
         opt.step()
         times.append(time.perf_counter() - t0)
     return {"seconds": min(times[1:]), "all_seconds": times, "loss": float(loss),
-            "peak_rss_gb": peak_rss_gb()}
+            "peak_rss_gb": peak_rss_gb(), "malloc": malloc}
 
 
 def main() -> None:
@@ -74,6 +83,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
+    parser.add_argument("--baseline-malloc", choices=["system", "keep", "both"], default="both",
+                        help="run transformers+PEFT with glibc malloc as it is, with the setting "
+                             "qwenlite makes (keep freed memory, qwenlite.model.memory), or both")
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "DTYPE", "WEIGHTS"),
                         help=argparse.SUPPRESS)
@@ -98,23 +110,32 @@ def main() -> None:
     for dtype in args.dtypes:
         rates = matmul_rates(DTYPES[dtype])
         run = {"matmul_rates": rates}
-        for impl in ("qwenlite", "peft"):
+        baselines = ["system", "keep"] if args.baseline_malloc == "both" else [args.baseline_malloc]
+        jobs = [("qwenlite", "qwenlite", "keep")] + [
+            (f"peft-malloc-{m}", "peft", m) for m in baselines]
+        for key, impl, malloc in jobs:
             cmd = [sys.executable, __file__, "--worker", impl, dtype, str(weights),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, "QWENLITE_MALLOC": malloc}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
-                sys.exit(f"{impl} {dtype} failed:\n{proc.stderr[-2000:]}")
-            run[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-        ours, theirs = run["qwenlite"], run["peft"]
-        for name, r in (("qwenlite", ours), ("transformers+peft", theirs)):
+                sys.exit(f"{key} {dtype} failed:\n{proc.stderr[-2000:]}")
+            run[key] = json.loads(proc.stdout.strip().splitlines()[-1])
+        ours = run["qwenlite"]
+        for key, impl, _ in jobs:
+            r = run[key]
             achieved = flops.executed / r["seconds"]
-            units = rates["units"] if name == "qwenlite" else rates["native"]
+            units = rates["units"] if impl == "qwenlite" else rates["native"]
+            name = impl if impl == "qwenlite" else f"transformers+peft (malloc {r['malloc']})"
             rows.append([dtype, name, f"{r['seconds']:.2f}", f"{achieved / 1e9:.1f}",
                          f"{100 * achieved / rates['native']:.0f}%",
                          f"{100 * achieved / units:.0f}%", f"{r['peak_rss_gb']:.2f}",
                          f"{r['loss']:.4f}"])
-        rows.append([dtype, "speed-up", f"{theirs['seconds'] / ours['seconds']:.2f}x", "", "",
-                     "", f"{ours['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}x", ""])
+        for key, impl, _ in jobs[1:]:
+            theirs = run[key]
+            rows.append([dtype, f"speed-up vs malloc {theirs['malloc']}",
+                         f"{theirs['seconds'] / ours['seconds']:.2f}x", "", "", "",
+                         f"{ours['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}x", ""])
         results["runs"][dtype] = run
         print(describe_rates(dtype, rates))
     print(fmt_table(rows, ["dtype", "implementation", "s/step", "GFLOPS (executed)",
