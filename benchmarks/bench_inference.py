@@ -36,7 +36,7 @@ def bench_qwenlite(weights, dtype, prompts, new_tokens, fwd_ids):
     generate(model, prompts, 2, eos_token_id=[])  # warm-up at full size
     out = generate(model, prompts, new_tokens, eos_token_id=[])
     with torch.inference_mode():
-        fwd_s, _ = timed(lambda: model(fwd_ids), repeats=1, warmup=0)
+        fwd_s, _ = timed(lambda: model(fwd_ids), repeats=1, warmup=1)
     fwd_flops = model.flops(fwd_ids.shape[1]).total() * fwd_ids.shape[0]
     gen = generation_flops(model, out.prompt_len, out.steps, len(prompts))
     prefill_flops = sum(v for k, v in gen.items() if k.startswith("prefill"))
@@ -63,7 +63,7 @@ def bench_transformers(weights, dtype, prompts, new_tokens, fwd_ids, pad_id):
                              min_new_tokens=new_tokens, **kwargs)
         total_s = time.perf_counter() - t0
         assert out.shape[1] == ids.shape[1] + new_tokens
-        fwd_s, _ = timed(lambda: model(fwd_ids), repeats=1)
+        fwd_s, _ = timed(lambda: model(fwd_ids), repeats=1, warmup=1)
     return dict(prefill_s=prefill_s, decode_s=max(total_s - prefill_s, 1e-9),
                 steps=new_tokens - 1, forward_s=fwd_s)
 
