@@ -146,8 +146,8 @@ def generate(
     cache = model.new_cache(b, total)
     # On a CPU, prompts of different lengths are prefilled one by one, each at its own length
     # straight into its row of the cache: no padding is computed and attention runs causal
-    # without a mask (measured at 8 × ~830 tokens: masked attention takes ~1.9× as long per
-    # layer). A GPU prefills the padded batch at once.
+    # without a mask (`python benchmarks/bench_cpu_measures.py prefill`). A GPU prefills the
+    # padded batch at once.
     if per_sequence_prefill is None:
         per_sequence_prefill = device.type == "cpu"
     per_sequence = padded and per_sequence_prefill

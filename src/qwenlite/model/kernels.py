@@ -188,8 +188,9 @@ def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
 
     A decode step streams every weight from memory for a few rows, and how fast BLAS streams it
     depends on the layout. A parameter is reordered once into oneDNN's blocked layout and kept
-    (4 bytes per parameter more): measured on a 2-core Zen 3, all of a 0.5B model's matmuls for
-    8 rows take 125 ms so, against 208 ms as BLAS runs them at best. Without oneDNN (or with
+    (4 bytes per parameter more): on a 2-core Zen 3 all of a 0.5B model's matmuls for 8 rows take
+    127 ms so, against 216 ms as BLAS runs them at best
+    (``python benchmarks/bench_cpu_measures.py decode-matmuls``). Without oneDNN (or with
     ``QWENLITE_PACK_WEIGHTS=0``) widening projections (the MLP's gate and up, the LM head) run as
     ``W·xᵀ``, faster than ``x·Wᵀ`` there (1.85 vs 2.9 ms for 8 rows through 896→4864), the
     others as ``x·Wᵀ``.

@@ -5,9 +5,11 @@ torch's CPU allocator takes every tensor from ``malloc``. glibc serves a block o
 kernel on ``free``. A 4×512-token training step makes hundreds of such temporaries (a
 (4, 512, 4864) MLP activation is 40 MB, a 256-row chunk of logits 155 MB), and each is handed
 out as untouched pages: the kernel faults and zeroes them page by page on first write. Measured
-on a 2-core Zen 3: ``a * b`` on two (4, 512, 4864) fp32 tensors takes 18 ms with a fresh
-result against 3–4 ms into an existing one; ``log_softmax`` of (256, 151936) 88 against 27 ms.
-A whole fp32 LoRA step at 4×512 went from 47 to 37 s.
+on a 2-core Zen 3 (``python benchmarks/bench_cpu_measures.py malloc``): ``a * b`` on two
+(4, 512, 4864) fp32 tensors takes 18 ms and 9,729 page faults as glibc is, 4 ms and none with
+this setting; ``log_softmax`` of (256, 151936) 84 against 31 ms. With it (and the loss's fused
+``log_softmax``) an fp32 LoRA step at 4×512 in ``benchmarks/bench_train.py`` went from 47 to
+33 s.
 
 :func:`keep_freed_memory` raises glibc's ``mmap`` threshold to 1 GiB and stops it trimming the
 heap, so freed blocks are reused instead of being returned and faulted in again. The process

@@ -1,0 +1,135 @@
+"""The measurements behind qwenlite's CPU-specific choices, each reproducible on its own.
+
+    python benchmarks/bench_cpu_measures.py decode-matmuls [--rows 8]
+        All of a Qwen2.5-0.5B decode step's matmuls (24 layers' seven projections and the LM head,
+        random weights of the real shapes, cold cache) for a few rows: x·Wᵀ, W·xᵀ and oneDNN with
+        prepacked weights (what ``qwenlite.model.kernels`` uses for decode steps).
+    QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py prefill
+        Prefill of 8 LLMTIME prompts (800-867 tokens): one padded, masked batch against one prompt
+        at a time at its own length (what ``qwenlite.generate`` does on a CPU), alternated.
+    python benchmarks/bench_cpu_measures.py malloc
+        Elementwise work on fresh large tensors, with glibc malloc as it is and keeping freed
+        memory (``qwenlite.model.memory``), each in its own process; with page-fault counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from common import llmtime_prompts, machine, weights_from_args
+
+SHAPES = {"q": (896, 896), "k": (128, 896), "v": (128, 896), "o": (896, 896),
+          "gate": (4864, 896), "up": (4864, 896), "down": (896, 4864)}
+
+
+def decode_matmuls(rows: int, repeats: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    layers = [{k: torch.randn(*s, generator=gen) * 0.02 for k, s in SHAPES.items()}
+              for _ in range(24)]
+    head = torch.randn(151936, 896, generator=gen) * 0.02
+    weights = [w for layer in layers for w in layer.values()] + [head]
+    names = [k for layer in layers for k in layer] + ["head"]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
+    ways = {
+        "x·Wᵀ": lambda x, i: F.linear(x, weights[i]),
+        "W·xᵀ": lambda x, i: (weights[i] @ x.T).T.contiguous(),
+        "oneDNN prepacked": lambda x, i: torch.ops.mkldnn._linear_pointwise(
+            x, packed[i], None, "none", [], ""),
+    }
+    x = torch.randn(rows, 896)
+    err = (ways["oneDNN prepacked"](x, 4) - F.linear(x, weights[4])).abs().max().item()
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(repeats):
+        for way, fn in ways.items():
+            times: dict[str, float] = {}
+            for i, w in enumerate(weights):  # every weight once: cold in cache, as in a step
+                x = torch.randn(rows, w.shape[1])
+                t0 = time.perf_counter()
+                fn(x, i)
+                times[names[i]] = times.get(names[i], 0.0) + time.perf_counter() - t0
+            old = best.get(way)
+            best[way] = times if old is None else {k: min(old[k], times[k]) for k in times}
+    print(f"{machine()}; {rows} rows through every matmul of a 0.5B decode step, "
+          f"best of {repeats}; prepacked vs x·Wᵀ max |diff| {err:.1e}")
+    for way, times in best.items():
+        parts = " ".join(f"{k} {1e3 * v:.1f}" for k, v in times.items())
+        print(f"  {way:17s} total {1e3 * sum(times.values()):6.1f} ms  ({parts})")
+    per_matrix = sum(min(best[w][k] for w in ("x·Wᵀ", "W·xᵀ")) for k in best["x·Wᵀ"])
+    print(f"  best BLAS layout per matrix: {1e3 * per_matrix:.1f} ms")
+
+
+def prefill(weights, data, repeats: int) -> None:
+    from qwenlite.generate import generate
+    from qwenlite.model import load_model
+    from qwenlite.tokenizer import Tokenizer
+
+    prompts = llmtime_prompts(Tokenizer(weights), 8, 80, data)
+    model = load_model(weights, dtype=torch.float32)
+    print(f"{machine()}; checkpoint {weights}; prompts of {sorted(map(len, prompts))} tokens")
+    generate(model, prompts, 1, eos_token_id=[])  # warm-up
+    results: dict[str, list[float]] = {"padded batch": [], "one by one": []}
+    for _ in range(repeats):
+        for name, flag in (("padded batch", False), ("one by one", True)):
+            out = generate(model, prompts, 1, eos_token_id=[], per_sequence_prefill=flag)
+            results[name].append(out.prefill_seconds)
+    for name, times in results.items():
+        print(f"  {name:12s} prefill " + ", ".join(f"{t:.2f}" for t in times) + " s")
+
+
+MALLOC_PROBE = """
+import json, resource, time, torch, torch.nn.functional as F
+from qwenlite.model.memory import keep_freed_memory
+tuned = keep_freed_memory()
+a, b = torch.randn(4, 512, 4864), torch.randn(4, 512, 4864)
+logits = torch.randn(256, 151936)
+out = {"tuned": tuned}
+for name, fn in (("a * b, (4, 512, 4864)", lambda: a * b),
+                 ("silu, (4, 512, 4864)", lambda: F.silu(a)),
+                 ("log_softmax, (256, 151936)", lambda: torch.log_softmax(logits, -1))):
+    fn()
+    f0, best = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, 1e9
+    for _ in range(5):
+        t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
+    out[name] = (best, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 5)
+print(json.dumps(out))
+"""
+
+
+def malloc() -> None:
+    print(f"{machine()}; fresh results of large elementwise ops, best of 5, page faults per call")
+    for setting in ("system", "keep"):
+        env = {**os.environ, "QWENLITE_MALLOC": setting}
+        proc = subprocess.run([sys.executable, "-c", MALLOC_PROBE], env=env, check=True,
+                              capture_output=True, text=True)
+        res = json.loads(proc.stdout)
+        label = "kept freed memory" if res.pop("tuned") else "glibc as it is"
+        print(f"  {label}:")
+        for name, (seconds, faults) in res.items():
+            print(f"    {name:28s} {1e3 * seconds:7.1f} ms  {faults:9.0f} faults")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["decode-matmuls", "prefill", "malloc"])
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--data", default=None)
+    args = parser.parse_args()
+    if args.what == "decode-matmuls":
+        decode_matmuls(args.rows, args.repeats)
+    elif args.what == "prefill":
+        prefill(weights_from_args(args.weights), args.data, args.repeats)
+    else:
+        malloc()
+
+
+if __name__ == "__main__":
+    main()
