@@ -4,12 +4,16 @@
         All of a Qwen2.5-0.5B decode step's matmuls (24 layers' seven projections and the LM head,
         random weights of the real shapes, cold cache) for a few rows: x·Wᵀ, W·xᵀ and oneDNN with
         prepacked weights (what ``qwenlite.model.kernels`` uses for decode steps).
-    QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py prefill
-        Prefill of 8 LLMTIME prompts (800-867 tokens): one padded, masked batch against one prompt
-        at a time at its own length (what ``qwenlite.generate`` does on a CPU), alternated.
+    QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py prefill [--prompts 8]
+            [--prompt-steps 80] [--dtype fp32]
+        Prefill of LLMTIME prompts (8 of 800-867 tokens by default): one padded, masked batch
+        against one prompt at a time at its own length (``qwenlite.generate`` on a CPU).
     python benchmarks/bench_cpu_measures.py malloc
         Elementwise work on fresh large tensors, with glibc malloc as it is and keeping freed
         memory (``qwenlite.model.memory``), each in its own process; with page-fault counts.
+    python benchmarks/bench_cpu_measures.py decode-attention [--rows 8] [--cached 900]
+        One decode step's attention over 24 layers' KV caches (14 query heads over 2 KV heads,
+        left-padding mask): torch's SDPA against ``qwenlite.model.kernels._decode_attention``.
 """
 
 from __future__ import annotations
@@ -65,14 +69,15 @@ def decode_matmuls(rows: int, repeats: int) -> None:
     print(f"  best BLAS layout per matrix: {1e3 * per_matrix:.1f} ms")
 
 
-def prefill(weights, data, repeats: int) -> None:
+def prefill(weights, data, repeats: int, n_prompts: int, steps: int, dtype: str) -> None:
     from qwenlite.generate import generate
     from qwenlite.model import load_model
     from qwenlite.tokenizer import Tokenizer
 
-    prompts = llmtime_prompts(Tokenizer(weights), 8, 80, data)
-    model = load_model(weights, dtype=torch.float32)
-    print(f"{machine()}; checkpoint {weights}; prompts of {sorted(map(len, prompts))} tokens")
+    prompts = llmtime_prompts(Tokenizer(weights), n_prompts, steps, data)
+    model = load_model(weights, dtype=dtype)
+    print(f"{machine()}; checkpoint {weights}; {dtype}; {n_prompts} prompts of "
+          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens")
     generate(model, prompts, 1, eos_token_id=[])  # warm-up
     results: dict[str, list[float]] = {"padded batch": [], "one by one": []}
     for _ in range(repeats):
@@ -115,9 +120,44 @@ def malloc() -> None:
             print(f"    {name:28s} {1e3 * seconds:7.1f} ms  {faults:9.0f} faults")
 
 
+def decode_attention(rows: int, cached: int, repeats: int) -> None:
+    from qwenlite.model.kernels import _decode_attention
+
+    gen = torch.Generator().manual_seed(0)
+    max_len = cached + 100
+    caches = [(torch.randn(rows, 2, max_len, 64, generator=gen),
+               torch.randn(rows, 2, max_len, 64, generator=gen)) for _ in range(24)]
+    mask = torch.ones(rows, 1, 1, cached, dtype=torch.bool)
+    mask[: rows // 2, ..., :50] = False  # half the sequences left-padded
+    q = torch.randn(rows, 14, 1, 64, generator=gen)
+    ways = {
+        "SDPA": lambda k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                           enable_gqa=True),
+        "_decode_attention": lambda k, v: _decode_attention(q, k, v, attn_mask=mask),
+    }
+    k, v = caches[0][0][:, :, :cached], caches[0][1][:, :, :cached]
+    err = (ways["SDPA"](k, v) - ways["_decode_attention"](k, v)).abs().max().item()
+    print(f"{machine()}; {rows} sequences x 14 heads attending to {cached} cached tokens, "
+          f"24 layers, best of {repeats}; max |diff| {err:.1e}")
+    with torch.inference_mode():
+        for way, fn in ways.items():
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for kc, vc in caches:
+                    fn(kc[:, :, :cached], vc[:, :, :cached])  # cache views, as in the model
+                best = min(best, time.perf_counter() - t0)
+            print(f"  {way:18s} {1e3 * best:6.1f} ms per step")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["decode-matmuls", "prefill", "malloc"])
+    parser.add_argument("what", choices=["decode-matmuls", "prefill", "malloc",
+                                         "decode-attention"])
+    parser.add_argument("--cached", type=int, default=900)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompt-steps", type=int, default=80)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--weights", default=None)
@@ -126,7 +166,10 @@ def main() -> None:
     if args.what == "decode-matmuls":
         decode_matmuls(args.rows, args.repeats)
     elif args.what == "prefill":
-        prefill(weights_from_args(args.weights), args.data, args.repeats)
+        prefill(weights_from_args(args.weights), args.data, args.repeats, args.prompts,
+                args.prompt_steps, args.dtype)
+    elif args.what == "decode-attention":
+        decode_attention(args.rows, args.cached, args.repeats)
     else:
         malloc()
 

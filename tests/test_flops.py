@@ -52,8 +52,9 @@ def _onednn_linear(x, w, *args, out_shape=None, **kwargs):
     return _mm(x, (w[1], w[0]))
 
 
-COURSEWORK_MATMUL = {aten.mm: _mm, aten.addmm: _addmm, aten.bmm: _bmm, aten.baddbmm: _baddbmm,
-                     torch.ops.mkldnn._linear_pointwise: _onednn_linear}
+COURSEWORK_MATMUL = {aten.mm: _mm, aten.addmm: _addmm, aten.bmm: _bmm, aten.baddbmm: _baddbmm}
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # torch built with oneDNN
+    COURSEWORK_MATMUL[torch.ops.mkldnn._linear_pointwise] = _onednn_linear
 
 
 def counter() -> FlopCounterMode:

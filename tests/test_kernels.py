@@ -247,3 +247,60 @@ def test_packed_weight_is_kept_and_refreshed(mode, dtype, monkeypatch):
         assert_bf16_close(second, expected, ulps=2)
     else:
         torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_decode_attention_equals_sdpa(mask_kind):
+    """A decode step's attention (one query per sequence over a cache view, 4 query heads per KV
+    head) as qwenlite computes it on the CPU equals torch's SDPA."""
+    torch.manual_seed(6)
+    cache_k = torch.randn(3, 2, 20, 16)
+    cache_v = torch.randn(3, 2, 20, 16)
+    k, v = cache_k[:, :, :13], cache_v[:, :, :13]  # strided views, as the KV cache hands out
+    q = torch.randn(3, 8, 1, 16)
+    may = torch.ones(3, 1, 1, 13, dtype=torch.bool)
+    may[0, ..., :5] = False  # a left-padded sequence
+    mask = {None: None, "bool": may,
+            "additive": torch.zeros(may.shape).masked_fill(~may, float("-inf"))}[mask_kind]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    with torch.inference_mode():
+        out = kernels.attention(q, k, v, attn_mask=mask, is_causal=False, enable_gqa=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    if mask_kind is not None:  # the mask matters: without it the padded sequence differs
+        assert not torch.allclose(out[0], F.scaled_dot_product_attention(
+            q, k, v, enable_gqa=True)[0], atol=1e-4)
+
+
+def test_decode_attention_with_autograd_is_sdpa():
+    """With gradients required, the decode path steps aside for SDPA (and its backward)."""
+    q = torch.randn(1, 4, 1, 8, requires_grad=True)
+    k = torch.randn(1, 2, 5, 8)
+    v = torch.randn(1, 2, 5, 8)
+    out = kernels.attention(q, k, v, enable_gqa=True)
+    out.sum().backward()
+    assert q.grad is not None
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+
+
+@pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
+def test_only_frozen_weights_of_decode_steps_are_packed(monkeypatch):
+    """Packing (on by default) keeps a copy for a frozen weight's few-row, no-grad call only:
+    not for a wide call, not for a trainable weight, not under autograd."""
+    monkeypatch.delenv(kernels.PACK_ENV, raising=False)
+    frozen = kernels.Linear(16, 24).requires_grad_(False)
+    trained = kernels.Linear(16, 24)
+    with torch.no_grad():
+        frozen(torch.randn(kernels.SKINNY_ROWS + 1, 16))
+        assert frozen.weight not in kernels._packed
+        x = torch.randn(4, 16)
+        out = trained(x)
+        assert trained.weight not in kernels._packed
+        torch.testing.assert_close(out, F.linear(x, trained.weight, trained.bias))
+    x = torch.randn(4, 16, requires_grad=True)
+    frozen(x).sum().backward()
+    assert frozen.weight not in kernels._packed and x.grad is not None
+    with torch.no_grad():
+        frozen(torch.randn(4, 16))
+    assert frozen.weight in kernels._packed
+    kernels.clear_packed_weights()
+    assert frozen.weight not in kernels._packed

@@ -11,20 +11,20 @@ import pytest
 from qwenlite.errors import QwenliteError
 from qwenlite.model import memory
 
-# In a fresh process: tune (or not), then count the page faults of filling a 64 MB tensor a
-# second time, after the first one was freed.
+# In a fresh process: tune (or not), then allocate, fill and free a 64 MB tensor eight times and
+# report the fewest page faults of one cycle. The fewest, because a kernel that reclaims idle
+# memory proactively (DAMON on some VMs) can take kept pages back between cycles now and then.
 PROBE = """
 import resource, torch
 from qwenlite.model.memory import keep_freed_memory
 tuned = keep_freed_memory()
-def fill():
+def cycle():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.empty(16 * 2**20)
     t.fill_(1.0)
-    return t
-t = fill(); del t
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-t = fill()
-print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(tuned, min(cycle() for _ in range(8)))
 """
 
 
@@ -42,9 +42,10 @@ def test_freed_memory_is_reused_without_page_faults():
         pytest.skip("not glibc")
     untuned, faults_system = _probe("system")
     assert not untuned
-    pages = 64 * 2**20 // 4096
-    assert faults_system > pages // 2  # a fresh mmap: every page faults on first write
-    assert faults < pages // 20
+    # A fresh mmap faults on first write: a page at a time (or a huge page at a time where
+    # transparent huge pages are always on); reused memory does not fault at all.
+    assert faults_system > 0
+    assert faults <= faults_system // 10
 
 
 def test_bad_setting_is_one_clear_error(monkeypatch):

@@ -18,6 +18,10 @@ from qwenlite.model.counting import FlopCount, matmul_flops
 from qwenlite.model.decoder import QwenForCausalLM
 
 
+PER_SEQUENCE_PREFILL_TOKENS = 512
+"""On a CPU, prompts at least this long are prefilled one by one (see :func:`generate`)."""
+
+
 @dataclass
 class GenerationOutput:
     """What :func:`generate` returns.
@@ -94,7 +98,8 @@ def generate(
         stop_fn: ``stop_fn(generated (batch, t)) -> bool (batch,)``: which sequences are done
             after the token just generated (e.g. "generated 20 semicolons").
         per_sequence_prefill: prefill prompts of different lengths one by one, each at its own
-            length, instead of as one padded, masked batch (default: on a CPU).
+            length, instead of as one padded, masked batch (default: on a CPU when every prompt
+            has at least ``PER_SEQUENCE_PREFILL_TOKENS`` tokens).
     Returns:
         A :class:`GenerationOutput`.
     """
@@ -144,12 +149,15 @@ def generate(
         return model.lm_head(h) if sub_ids is None else kernels.linear(h, head)
 
     cache = model.new_cache(b, total)
-    # On a CPU, prompts of different lengths are prefilled one by one, each at its own length
-    # straight into its row of the cache: no padding is computed and attention runs causal
-    # without a mask (`python benchmarks/bench_cpu_measures.py prefill`). A GPU prefills the
-    # padded batch at once.
+    # On a CPU, long prompts of different lengths are prefilled one by one, each at its own
+    # length straight into its row of the cache: no padding is computed and attention runs causal
+    # without a mask. Short ones are not: each prompt then streams every weight for few rows.
+    # Measured (`python benchmarks/bench_cpu_measures.py prefill`, 2-core Zen 3, fp32): 8 prompts
+    # of 800-867 tokens 34.7-38.0 s one by one against 40.4-42.3 s as a padded batch; 32 prompts
+    # of 200-213 tokens 47.3 against 41.8 s. A GPU prefills the padded batch at once.
     if per_sequence_prefill is None:
-        per_sequence_prefill = device.type == "cpu"
+        per_sequence_prefill = (device.type == "cpu"
+                                and int(lengths.min()) >= PER_SEQUENCE_PREFILL_TOKENS)
     per_sequence = padded and per_sequence_prefill
     _sync(device)
     t0 = time.perf_counter()

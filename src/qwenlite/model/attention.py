@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -44,7 +45,7 @@ class KVCache:
         """Sequence ``row`` of the cache from position ``offset`` on, as a one-sequence cache
         that shares this one's memory: a prompt prefilled through it with ``cache_start=0`` (plain
         causal attention, no mask) lands where the left-padded batch expects it."""
-        view = object.__new__(KVCache)
+        view = copy.copy(self)
         view.k = self.k[:, row:row + 1, :, offset:]
         view.v = self.v[:, row:row + 1, :, offset:]
         view.max_len = self.max_len - offset

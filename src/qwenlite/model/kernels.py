@@ -25,7 +25,9 @@ forces it on any CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 from pathlib import Path
 
@@ -141,13 +143,19 @@ _packed = WeakTensorKeyDictionary()
 
 @functools.cache
 def _onednn_linear() -> bool:
-    """Whether torch has oneDNN's prepacked linear here and it computes ``F.linear``."""
+    """Whether torch has oneDNN's prepacked linear here and it computes ``F.linear``. Checked
+    outside any dispatch mode (a FLOPS counter must not see the check) and without the RNG."""
     try:
-        w = torch.randn(24, 16)
-        x = torch.randn(3, 16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
-        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        return bool(torch.allclose(out, F.linear(x, w), rtol=1e-4, atol=1e-5))
+        from torch.utils._python_dispatch import _disable_current_modes
+    except ImportError:  # pragma: no cover - older torch
+        _disable_current_modes = contextlib.nullcontext
+    try:
+        with _disable_current_modes(), torch.inference_mode(False), torch.no_grad():
+            w = torch.arange(24 * 16, dtype=torch.float32).reshape(24, 16).sin()
+            x = torch.arange(3 * 16, dtype=torch.float32).reshape(3, 16).cos()
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+            return bool(torch.allclose(out, F.linear(x, w), rtol=1e-4, atol=1e-5))
     except (AttributeError, RuntimeError):
         return False
 
@@ -156,6 +164,11 @@ def packing_enabled() -> bool:
     """Whether decode steps use prepacked weights: ``$QWENLITE_PACK_WEIGHTS`` is not ``0`` and
     torch has oneDNN's linear."""
     return os.environ.get(PACK_ENV, "1").strip() != "0" and _onednn_linear()
+
+
+def clear_packed_weights() -> None:
+    """Free every prepacked decode weight (they are made again on the next decode step)."""
+    _packed.clear()
 
 
 def _packed_weight(weight: nn.Parameter, rows: int, bf16: bool) -> torch.Tensor:
@@ -202,7 +215,7 @@ def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
     if bias is not None:
         bias = as_bf16_fp32(bias, rows) if bf16 else bias
     with torch.autocast("cpu", enabled=False):
-        if isinstance(weight, nn.Parameter) and packing_enabled():
+        if isinstance(weight, nn.Parameter) and not weight.requires_grad and packing_enabled():
             out = torch.ops.mkldnn._linear_pointwise(
                 x2, _packed_weight(weight, rows, bf16), bias, "none", [], "")
         else:
@@ -220,7 +233,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear`` with bf16 semantics on the fp32 units where :func:`emulating`; a decode
     step's few rows on the CPU through :func:`_decode_linear`."""
     emulate = emulating(x)
-    if (emulate or x.dtype == weight.dtype == torch.float32) and _is_decode(x, weight, bias):
+    fp32 = x.dtype == weight.dtype == torch.float32 and not (
+        x.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
+    if (emulate or fp32) and _is_decode(x, weight, bias):
         return _decode_linear(x, weight, bias)
     if not emulate:
         return F.linear(x, weight, bias)
@@ -231,15 +246,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _on_fp32_units(F.linear, x, as_bf16_fp32(weight), b)
 
 
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                      enable_gqa: bool = False) -> torch.Tensor:
+    """One new query per sequence over its cached keys: SDPA's result as two small batched
+    matmuls, with each KV head's query heads stacked as the rows of one matmul (no repeated
+    keys). q (b, h, 1, d), k and v (b, kv, T, d), ``attn_mask`` bool "may attend" or additive,
+    broadcastable to (b, 1, 1, T)."""
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    scores = torch.matmul(q.reshape(b, kv, h // kv, d), k.transpose(-1, -2))
+    scores.mul_(1.0 / math.sqrt(d))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores.masked_fill_(~attn_mask, float("-inf"))
+        else:
+            scores.add_(attn_mask)
+    return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(b, h, 1, d)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention``; bf16 inputs are computed in fp32 where
-    :func:`emulating` (torch's CPU bf16 attention is ~7× slower than fp32 for a decode step)."""
-    if not emulating(q):
+    :func:`emulating` (torch's CPU bf16 attention is ~7× slower than fp32 for a decode step).
+
+    A decode step on the CPU (one query per sequence, no autograd) runs as
+    :func:`_decode_attention`: SDPA's CPU kernel takes ~1 ms per layer there
+    (``python benchmarks/bench_cpu_measures.py decode-attention``)."""
+    emulate = emulating(q)
+    decode = (q.device.type == "cpu" and q.shape[-2] == 1 and q.shape[1] % k.shape[1] == 0
+              and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
+    if not emulate and not decode:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    op = _decode_attention if decode else F.scaled_dot_product_attention
+    if not emulate:
+        return op(q, k, v, **kwargs)
     bf = torch.bfloat16
     with torch.autocast("cpu", enabled=False):
-        out = F.scaled_dot_product_attention(q.to(bf).float(), k.to(bf).float(),
-                                             v.to(bf).float(), **kwargs)
+        out = op(q.to(bf).float(), k.to(bf).float(), v.to(bf).float(), **kwargs)
     return out.to(bf)
 
 

@@ -14,14 +14,15 @@ this setting; ``log_softmax`` of (256, 151936) 84 against 31 ms. With it (and th
 :func:`keep_freed_memory` raises glibc's ``mmap`` threshold to 1 GiB and stops it trimming the
 heap, so freed blocks are reused instead of being returned and faulted in again. The process
 keeps its high-water mark of memory rather than shrinking between steps; peak memory is the
-same. It is called by :func:`qwenlite.model.load_model`. ``QWENLITE_MALLOC=system`` leaves
+same. (A kernel that reclaims idle memory proactively, as DAMON does on this project's VM, may
+still take kept pages back now and then; in a training loop they stay in use.) It is called by
+:func:`qwenlite.model.load_model`. ``QWENLITE_MALLOC=system`` leaves
 malloc as it is; on other C libraries (macOS, Windows, musl) it does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 import sys
@@ -44,12 +45,14 @@ def keep_freed_memory() -> bool:
     if setting == "system" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library the process already uses
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # only glibc has both  # noqa: B018
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    # Each setting on its own: an older glibc may refuse the threshold (it capped it at 32 MB).
+    mmap_ok = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    trim_ok = bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return mmap_ok and trim_ok
