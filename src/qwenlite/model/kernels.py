@@ -86,27 +86,41 @@ def emulating(x: torch.Tensor) -> bool:
 SKINNY_ROWS = 64
 
 
+def _autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op on these tensors is recorded for a backward pass."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _kept(store: WeakTensorKeyDictionary, t: nn.Parameter, make, keep: bool = True,
+          tag=None) -> torch.Tensor:
+    """``make(t.detach())``, remembered in ``store`` for ``t`` until ``t`` changes in place (a
+    LoRA merge bumps its version). Made outside inference mode, so that a copy made while
+    generating can serve training, and only kept when ``keep`` or an older copy was kept."""
+    key = (t.data_ptr(), t._version, t.dtype, t.shape, tag)
+    hit = store.get(t)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    store.pop(t, None)  # free a stale copy before making the new one
+    with torch.inference_mode(False), torch.no_grad():
+        value = make(t.detach())
+    if keep or hit is not None:
+        store[t] = (key, value)
+    return value
+
+
 def as_bf16_fp32(t: torch.Tensor, rows: int = 1) -> torch.Tensor:
     """``t`` rounded to bf16, held in fp32, for a matmul over ``rows`` input rows.
 
     A frozen parameter used by a skinny matmul (``rows <= SKINNY_ROWS``: a decode step without
     prepacked weights, or a bias) keeps the result, refreshed when the parameter changes in place
-    (e.g. by a LoRA merge); converting it anew would cost more than the matmul. A wide matmul reuses a kept copy if there is one and
-    otherwise converts per call — a fraction of a percent of its time, and no memory kept. A
-    trainable tensor is converted per call and stays differentiable.
+    (e.g. by a LoRA merge); converting it anew would cost more than the matmul. A wide matmul
+    reuses a kept copy if there is one and otherwise converts per call — a fraction of a percent
+    of its time, and no memory kept. A trainable tensor is converted per call and stays
+    differentiable.
     """
-    if not isinstance(t, nn.Parameter) or (t.requires_grad and torch.is_grad_enabled()):
+    if not isinstance(t, nn.Parameter) or _autograd(t):
         return t.to(torch.bfloat16).float()
-    key = (t.data_ptr(), t._version, t.dtype, t.shape)
-    hit = _cache.get(t)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    # Built outside inference mode so that a copy made while generating can serve training.
-    with torch.inference_mode(False), torch.no_grad():
-        value = t.detach().to(torch.bfloat16).float()
-    if rows <= SKINNY_ROWS or hit is not None:
-        _cache[t] = (key, value)
-    return value
+    return _kept(_cache, t, lambda w: w.to(torch.bfloat16).float(), keep=rows <= SKINNY_ROWS)
 
 
 def _on_fp32_units(op, x: torch.Tensor, *operands) -> torch.Tensor:
@@ -174,24 +188,16 @@ def clear_packed_weights() -> None:
 def _packed_weight(weight: nn.Parameter, rows: int, bf16: bool) -> torch.Tensor:
     """``weight`` (rounded to bf16 if ``bf16``, held in fp32) reordered once into oneDNN's
     blocked layout; refreshed when the parameter changes in place (e.g. by a LoRA merge)."""
-    key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape, bf16)
-    hit = _packed.get(weight)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    _packed.pop(weight, None)  # free the stale copy before making the new one
-    with torch.inference_mode(False), torch.no_grad():
-        w = weight.detach()
+    def make(w):
         w = w.to(torch.bfloat16).float() if bf16 else w.float()
-        value = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
-    _packed[weight] = (key, value)
-    return value
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+    return _kept(_packed, weight, make, tag=bf16)
 
 
 def _is_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """A decode step's few rows (at most ``SKINNY_ROWS``) on the CPU, without autograd."""
     return (x.device.type == "cpu" and x.numel() <= SKINNY_ROWS * x.shape[-1]
-            and not (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, weight, bias))))
+            and not _autograd(x, weight, bias))
 
 
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
@@ -210,23 +216,24 @@ def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
     """
     bf16 = emulating(x)
     rows = x.numel() // x.shape[-1]
+    if bias is not None and bf16:
+        bias = as_bf16_fp32(bias, rows)
+    if isinstance(weight, nn.Parameter) and not weight.requires_grad and packing_enabled():
+        packed = _packed_weight(weight, rows, bf16)
+
+        def matmul(x2):
+            return torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+    else:
+        w = as_bf16_fp32(weight, rows) if bf16 else weight
+
+        def matmul(x2):
+            if w.shape[0] < 2 * w.shape[1]:
+                return F.linear(x2, w, bias)
+            out = (w @ x2.T).T.contiguous()
+            return out if bias is None else out + bias
     x2 = x.reshape(rows, x.shape[-1])
-    x2 = x2.to(torch.bfloat16).float() if bf16 else x2
-    if bias is not None:
-        bias = as_bf16_fp32(bias, rows) if bf16 else bias
-    with torch.autocast("cpu", enabled=False):
-        if isinstance(weight, nn.Parameter) and not weight.requires_grad and packing_enabled():
-            out = torch.ops.mkldnn._linear_pointwise(
-                x2, _packed_weight(weight, rows, bf16), bias, "none", [], "")
-        else:
-            w = as_bf16_fp32(weight, rows) if bf16 else weight
-            if w.shape[0] >= 2 * w.shape[1]:
-                out = (w @ x2.T).T.contiguous()
-                out = out if bias is None else out + bias
-            else:
-                out = F.linear(x2, w, bias)
-    out = out.reshape(*x.shape[:-1], weight.shape[0])
-    return out.to(torch.bfloat16) if bf16 else out
+    out = _on_fp32_units(matmul, x2) if bf16 else matmul(x2)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,8 +246,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return _decode_linear(x, weight, bias)
     if not emulate:
         return F.linear(x, weight, bias)
-    grad = torch.is_grad_enabled()
-    if not (grad and (weight.requires_grad or (bias is not None and bias.requires_grad))):
+    if not _autograd(weight, bias):
         return _FrozenLinear.apply(x, weight, bias)
     b = None if bias is None else as_bf16_fp32(bias)
     return _on_fp32_units(F.linear, x, as_bf16_fp32(weight), b)
@@ -274,7 +280,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> to
     (``python benchmarks/bench_cpu_measures.py decode-attention``)."""
     emulate = emulating(q)
     decode = (q.device.type == "cpu" and q.shape[-2] == 1 and q.shape[1] % k.shape[1] == 0
-              and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
+              and not _autograd(q, k, v))
     if not emulate and not decode:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     op = _decode_attention if decode else F.scaled_dot_product_attention

@@ -16,8 +16,8 @@ heap, so freed blocks are reused instead of being returned and faulted in again.
 keeps its high-water mark of memory rather than shrinking between steps; peak memory is the
 same. (A kernel that reclaims idle memory proactively, as DAMON does on this project's VM, may
 still take kept pages back now and then; in a training loop they stay in use.) It is called by
-:func:`qwenlite.model.load_model`. ``QWENLITE_MALLOC=system`` leaves
-malloc as it is; on other C libraries (macOS, Windows, musl) it does nothing.
+:func:`qwenlite.model.load_model`. ``QWENLITE_MALLOC=system`` leaves malloc as it is; on other C
+libraries (macOS, Windows, musl) it does nothing.
 """
 
 from __future__ import annotations
