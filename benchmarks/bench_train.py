@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ from common import (DTYPES, describe_rates, fmt_table, machine, matmul_rates, pe
                     weights_from_args, write_results)
 
 
-def worker(impl: str, weights: str, dtype: str, batch: int, seq: int, steps: int) -> dict:
+def worker(impl: str, weights: str, dtype: str, batch: int, seq: int, steps: int,
+           warmup: int) -> dict:
     from qwenlite.model.memory import keep_freed_memory
 
     malloc = "keep" if keep_freed_memory() else "system"  # $QWENLITE_MALLOC, set by main()
@@ -63,8 +65,9 @@ def worker(impl: str, weights: str, dtype: str, batch: int, seq: int, steps: int
             return model(input_ids=ids, labels=ids).loss
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    times = []
-    for i in range(steps + 1):  # the first step warms up
+    times, faults = [], []
+    for _ in range(warmup + steps):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         with autocast:
             loss = loss_fn()
@@ -72,7 +75,9 @@ def worker(impl: str, weights: str, dtype: str, batch: int, seq: int, steps: int
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
-    return {"seconds": min(times[1:]), "all_seconds": times, "loss": float(loss),
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return {"seconds": min(times[warmup:]), "all_seconds": times, "page_faults": faults,
+            "loss": float(loss),
             "peak_rss_gb": peak_rss_gb(), "malloc": malloc}
 
 
@@ -82,7 +87,11 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=DTYPES)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps (the best is reported)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first: the heap grows over the first few steps of "
+                             "a process (page faults) before it settles to the steady state a "
+                             "long run sees; the per-step faults are in the --out JSON")
     parser.add_argument("--baseline-malloc", choices=["system", "keep", "both"], default="both",
                         help="run transformers+PEFT with glibc malloc as it is, with the setting "
                              "qwenlite makes (keep freed memory, qwenlite.model.memory), or both")
@@ -92,7 +101,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         impl, dtype, weights = args.worker
-        print(json.dumps(worker(impl, weights, dtype, args.batch, args.seq, args.steps)))
+        print(json.dumps(worker(impl, weights, dtype, args.batch, args.seq, args.steps,
+                                args.warmup)))
         return
 
     from qwenlite.flops import counting_model, train_step_flops
@@ -102,7 +112,8 @@ def main() -> None:
     config = QwenConfig.from_json(weights / "config.json")
     flops = train_step_flops(counting_model(config, lora_rank=4), args.seq, args.batch)
     print(f"checkpoint {weights}; {machine()}; LoRA r=4 on q_proj,v_proj; "
-          f"batch {args.batch} x {args.seq} tokens")
+          f"batch {args.batch} x {args.seq} tokens; best of {args.steps} steps after "
+          f"{args.warmup} warm-up steps")
     print(f"FLOPS per step: rule (3x forward) {flops.rule:.3e}, executed {flops.executed:.3e}")
     results = {"machine": machine(), "weights": str(weights), "args": vars(args),
                "flops": flops.as_dict(), "runs": {}}
@@ -115,13 +126,18 @@ def main() -> None:
             (f"peft-malloc-{m}", "peft", m) for m in baselines]
         for key, impl, malloc in jobs:
             cmd = [sys.executable, __file__, "--worker", impl, dtype, str(weights),
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup)]
             env = {**os.environ, "QWENLITE_MALLOC": malloc}
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
                 sys.exit(f"{key} {dtype} failed:\n{proc.stderr[-2000:]}")
             run[key] = json.loads(proc.stdout.strip().splitlines()[-1])
         ours = run["qwenlite"]
+        for key, _, _ in jobs:
+            print(f"{dtype} {key}: every step (s) "
+                  f"{' '.join(f'{t:.1f}' for t in run[key]['all_seconds'])}; page faults "
+                  f"{' '.join(str(f) for f in run[key]['page_faults'])}")
         for key, impl, _ in jobs:
             r = run[key]
             achieved = flops.executed / r["seconds"]
