@@ -84,6 +84,7 @@ def emulating(x: torch.Tensor) -> bool:
 
 
 SKINNY_ROWS = 64
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _autograd(*tensors: torch.Tensor | None) -> bool:
@@ -126,7 +127,10 @@ def as_bf16_fp32(t: torch.Tensor, rows: int = 1) -> torch.Tensor:
 def _on_fp32_units(op, x: torch.Tensor, *operands) -> torch.Tensor:
     """``op(x, *operands)`` as a bf16 op computes it: ``x`` rounded to bf16, the operands already
     bf16 values held in fp32 (or None), fp32 arithmetic, the result rounded to bf16."""
-    with torch.autocast("cpu", enabled=False):
+    # (Leave autocast only if it is on: the context's Python cost recurs on every one of a
+    # decode step's 169 matmuls.)
+    amp = torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", enabled=False) if amp else _NO_CONTEXT:
         return op(x.to(torch.bfloat16).float(), *operands).to(torch.bfloat16)
 
 
