@@ -13,7 +13,9 @@ Both implementations run in this one process, loaded side by side, so they share
 setting (``--malloc``; by default the one qwenlite makes, ``qwenlite.model.memory``). After a
 warm-up each, they are timed in alternating rounds (``--repeats``) and each phase's best round is
 kept: on a shared machine one implementation's single run can land in a slow spell (single runs
-of the same code measured a prefill ratio from 0.95× to 1.25× here).
+of the same code measured a prefill ratio from 0.95× to 1.25× here). transformers' decode is
+timed from its first new token to its last (a streamer notes when each arrives), as qwenlite's
+``generate()`` times its own.
 
 Say which checkpoint produced any figure you quote (the offline stand-in is not the official
 Qwen2.5-0.5B-Instruct, but has its exact architecture, so timings carry over).
@@ -58,6 +60,19 @@ class Qwenlite:
                     decode_flops=gen.total() - prefill_flops, forward_flops=fwd_flops)
 
 
+class _TokenClock:
+    """A ``generate()`` streamer that notes when the prompt and then each new token arrive."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 class Transformers:
     name = "transformers"
 
@@ -83,13 +98,15 @@ class Transformers:
             # Prefill as generate() runs it: the prompt forward with a cache, last logits only.
             prefill_s, _ = timed(lambda: self.model(ids, attention_mask=mask, use_cache=True,
                                                     logits_to_keep=1))
-            t0 = time.perf_counter()
+            clock = _TokenClock()
             out = self.model.generate(ids, attention_mask=mask, max_new_tokens=self.new_tokens,
-                                      min_new_tokens=self.new_tokens, **self.kwargs)
-            total_s = time.perf_counter() - t0
+                                      min_new_tokens=self.new_tokens, streamer=clock,
+                                      **self.kwargs)
             assert out.shape[1] == ids.shape[1] + self.new_tokens
+            assert len(clock.times) == 1 + self.new_tokens
             fwd_s, _ = timed(lambda: self.model(self.fwd_ids))
-        return dict(prefill_s=prefill_s, decode_s=max(total_s - prefill_s, 1e-9),
+        # decode: from the first new token to the last, as qwenlite's generate() times it
+        return dict(prefill_s=prefill_s, decode_s=clock.times[-1] - clock.times[1],
                     steps=self.new_tokens - 1, forward_s=fwd_s)
 
 
