@@ -11,6 +11,10 @@
     python benchmarks/bench_cpu_measures.py malloc
         Elementwise work on fresh large tensors, with glibc malloc as it is and keeping freed
         memory (``qwenlite.model.memory``), each in its own process; with page-fault counts.
+    python benchmarks/bench_cpu_measures.py decode-bound
+        What bounds a decode step's matmuls: reading all of the step's weights (``sum``) against
+        oneDNN's prepacked matmul for 8 rows on 2 threads and on 1, and the prepacked matmul's
+        time as the number of rows grows (48 distinct 4864×896 weights, cold cache).
     python benchmarks/bench_cpu_measures.py decode-attention [--rows 8] [--cached 900]
         One decode step's attention over 24 layers' KV caches (14 query heads over 2 KV heads,
         left-padding mask): torch's SDPA against ``qwenlite.model.kernels._decode_attention``.
@@ -67,6 +71,49 @@ def decode_matmuls(rows: int, repeats: int) -> None:
         print(f"  {way:17s} total {1e3 * sum(times.values()):6.1f} ms  ({parts})")
     per_matrix = sum(min(best[w][k] for w in ("x·Wᵀ", "W·xᵀ")) for k in best["x·Wᵀ"])
     print(f"  best BLAS layout per matrix: {1e3 * per_matrix:.1f} ms")
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def decode_bound(repeats: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(*s, generator=gen) * 0.02 for _ in range(24) for s in SHAPES.values()]
+    weights.append(torch.randn(151936, 896, generator=gen) * 0.02)
+    gb = sum(w.numel() for w in weights) * 4 / 1e9
+
+    def linear(x, packed):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights]
+    xs = [torch.randn(8, w.shape[1]) for w in weights]
+    read_s = _best(lambda: [w.sum() for w in weights], repeats)
+    print(f"{machine()}; every weight of a 0.5B decode step ({gb:.2f} GB fp32), cold cache, "
+          f"best of {repeats}")
+    print(f"  read (sum)                   {1e3 * read_s:6.1f} ms  {gb / read_s:5.1f} GB/s")
+    threads = torch.get_num_threads()
+    for n in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n)
+        mm_s = _best(lambda: [linear(x, p) for x, p in zip(xs, packed)], repeats)
+        print(f"  oneDNN matmul, 8 rows, {n} thread(s) {1e3 * mm_s:6.1f} ms  {gb / mm_s:5.1f} GB/s")
+    torch.set_num_threads(threads)
+    del packed
+    gate = [torch.randn(4864, 896, generator=gen) * 0.02 for _ in range(48)]
+    print("  prepacked matmul through 48 distinct 4864×896 weights, by rows:")
+    for rows in (1, 2, 4, 8, 16, 32):
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in gate]
+        x = torch.randn(rows, 896)
+        t = _best(lambda: [linear(x, p) for p in packed], repeats)
+        flops = 2 * rows * 48 * 4864 * 896
+        print(f"    {rows:3d} rows {1e3 * t:6.1f} ms  {48 * 4864 * 896 * 4 / 1e9 / t:5.1f} GB/s  "
+              f"{flops / t / 1e9:6.1f} GFLOPS")
 
 
 def prefill(weights, data, repeats: int, n_prompts: int, steps: int, dtype: str) -> None:
@@ -152,7 +199,7 @@ def decode_attention(rows: int, cached: int, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["decode-matmuls", "prefill", "malloc",
+    parser.add_argument("what", choices=["decode-matmuls", "decode-bound", "prefill", "malloc",
                                          "decode-attention"])
     parser.add_argument("--cached", type=int, default=900)
     parser.add_argument("--prompts", type=int, default=8)
@@ -165,6 +212,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "decode-matmuls":
         decode_matmuls(args.rows, args.repeats)
+    elif args.what == "decode-bound":
+        decode_bound(args.repeats)
     elif args.what == "prefill":
         prefill(weights_from_args(args.weights), args.data, args.repeats, args.prompts,
                 args.prompt_steps, args.dtype)
