@@ -31,7 +31,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import llmtime_prompts, machine, weights_from_args
+from common import llmtime_prompts, machine, timed, weights_from_args
 
 SHAPES = {"q": (896, 896), "k": (128, 896), "v": (128, 896), "o": (896, 896),
           "gate": (4864, 896), "up": (4864, 896), "down": (896, 4864)}
@@ -73,16 +73,6 @@ def decode_matmuls(rows: int, repeats: int) -> None:
     print(f"  best BLAS layout per matrix: {1e3 * per_matrix:.1f} ms")
 
 
-def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def decode_bound(repeats: int) -> None:
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(*s, generator=gen) * 0.02 for _ in range(24) for s in SHAPES.values()]
@@ -94,14 +84,14 @@ def decode_bound(repeats: int) -> None:
 
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights]
     xs = [torch.randn(8, w.shape[1]) for w in weights]
-    read_s = _best(lambda: [w.sum() for w in weights], repeats)
+    read_s, _ = timed(lambda: [w.sum() for w in weights], repeats, warmup=1)
     print(f"{machine()}; every weight of a 0.5B decode step ({gb:.2f} GB fp32), cold cache, "
           f"best of {repeats}")
     print(f"  read (sum)                   {1e3 * read_s:6.1f} ms  {gb / read_s:5.1f} GB/s")
     threads = torch.get_num_threads()
     for n in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(n)
-        mm_s = _best(lambda: [linear(x, p) for x, p in zip(xs, packed)], repeats)
+        mm_s, _ = timed(lambda: [linear(x, p) for x, p in zip(xs, packed)], repeats, warmup=1)
         print(f"  oneDNN matmul, 8 rows, {n} thread(s) {1e3 * mm_s:6.1f} ms  {gb / mm_s:5.1f} GB/s")
     torch.set_num_threads(threads)
     del packed
@@ -110,7 +100,7 @@ def decode_bound(repeats: int) -> None:
     for rows in (1, 2, 4, 8, 16, 32):
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in gate]
         x = torch.randn(rows, 896)
-        t = _best(lambda: [linear(x, p) for p in packed], repeats)
+        t, _ = timed(lambda: [linear(x, p) for p in packed], repeats, warmup=1)
         flops = 2 * rows * 48 * 4864 * 896
         print(f"    {rows:3d} rows {1e3 * t:6.1f} ms  {48 * 4864 * 896 * 4 / 1e9 / t:5.1f} GB/s  "
               f"{flops / t / 1e9:6.1f} GFLOPS")
