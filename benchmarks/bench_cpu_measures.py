@@ -15,9 +15,18 @@
         What bounds a decode step's matmuls: reading all of the step's weights (``sum``) against
         oneDNN's prepacked matmul for 8 rows on 2 threads and on 1, and the prepacked matmul's
         time as the number of rows grows (48 distinct 4864×896 weights, cold cache).
+    QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py decode-step [--dtype bf16]
+            [--rows 8] [--cached 250] [--repeats 15]
+        The model's decode step with each of three choices turned off in turn, in alternating
+        rounds: q/k/v and gate/up stacked into one prepacked matmul each
+        (``qwenlite.model.kernels.linears``), decode attention as one SDPA over each KV head's
+        stacked query heads (``kernels._decode_attention``), and for an emulated bf16 model a
+        KV cache that holds its bf16 values in fp32 (``KVCache(widen_bf16=True)``).
     python benchmarks/bench_cpu_measures.py decode-attention [--rows 8] [--cached 900]
         One decode step's attention over 24 layers' KV caches (14 query heads over 2 KV heads,
-        left-padding mask): torch's SDPA against ``qwenlite.model.kernels._decode_attention``.
+        left-padding mask): torch's SDPA against ``qwenlite.model.kernels._decode_attention``,
+        and what widening a bf16 cache to fp32 costs (emulated bf16 attention on a cache kept in
+        bf16, which qwenlite's KV cache avoids by holding bf16 values in fp32).
 """
 
 from __future__ import annotations
@@ -106,6 +115,75 @@ def decode_bound(repeats: int) -> None:
               f"{flops / t / 1e9:6.1f} GFLOPS")
 
 
+def _two_matmul_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
+    """Decode attention as qwenlite computed it before stacking query heads into one SDPA: two
+    batched matmuls around a masked softmax."""
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    scores = torch.matmul(q.reshape(b, kv, h // kv, d), k.transpose(-1, -2)) / d ** 0.5
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(b, h, 1, d)
+
+
+def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> None:
+    import statistics
+
+    from qwenlite.model import kernels, load_model
+    from qwenlite.model.attention import KVCache
+
+    model = load_model(weights, dtype=dtype)
+    c = model.config
+    gen = torch.Generator().manual_seed(0)
+    caches = {}
+    for widen in (False, True):
+        caches[widen] = KVCache(c.num_hidden_layers, rows, c.num_key_value_heads, cached + 200,
+                                c.head_dim, model.dtype, "cpu", widen_bf16=widen)
+        caches[widen].k.normal_(generator=gen)
+        caches[widen].v.normal_(generator=gen)
+    tokens = torch.randint(100, 5000, (rows, 1), generator=gen)
+    stacked, sdpa = kernels.linears, kernels._decode_attention
+
+    def one_by_one(x, layers):
+        return [layer(x) for layer in layers]
+    # (stacked projections, SDPA over stacked query heads, widened bf16 cache)
+    ways = {"all three (qwenlite)": (True, True, True),
+            "projections one by one": (False, True, True),
+            "attention as two matmuls": (True, False, True),
+            "none of the three": (False, False, False)}
+    if model.dtype == torch.bfloat16 and kernels.bf16_matmul_mode() == "emulate":
+        ways["bf16 cache not widened"] = (True, True, False)
+    position = [cached]
+
+    def step(stack, attend, widen):
+        kernels.linears = stacked if stack else one_by_one
+        kernels._decode_attention = sdpa if attend else _two_matmul_attention
+        t = position[0]
+        position[0] = cached + (t + 1 - cached) % 190
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            hidden = model(tokens, position_ids=torch.full((rows, 1), t), cache=caches[widen],
+                           cache_start=t, logits_to_keep=1, return_hidden=True)[:, -1]
+            model.lm_head(hidden).float().argmax(-1)
+            return time.perf_counter() - t0
+    print(f"{machine()}; checkpoint {weights}; {dtype}; one decode step of {rows} sequences over "
+          f"{cached} cached tokens; the ways in alternating rounds of two steps (the second "
+          f"timed), {rounds} rounds")
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    try:
+        for way in ways.values():
+            step(*way), step(*way)  # make the prepacked copies each way needs
+        for _ in range(rounds):
+            for way, flags in ways.items():
+                step(*flags)
+                times[way].append(step(*flags))
+    finally:
+        kernels.linears, kernels._decode_attention = stacked, sdpa
+    for way, ts in times.items():
+        print(f"  {way:26s} median {1e3 * statistics.median(ts):6.1f} ms  "
+              f"best {1e3 * min(ts):6.1f} ms")
+
+
 def prefill(weights, data, repeats: int, n_prompts: int, steps: int, dtype: str) -> None:
     from qwenlite.generate import generate
     from qwenlite.model import load_model
@@ -176,22 +254,25 @@ def decode_attention(rows: int, cached: int, repeats: int) -> None:
     err = (ways["SDPA"](k, v) - ways["_decode_attention"](k, v)).abs().max().item()
     print(f"{machine()}; {rows} sequences x 14 heads attending to {cached} cached tokens, "
           f"24 layers, best of {repeats}; max |diff| {err:.1e}")
+    bf16_caches = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
+    runs = [(way, fn, caches) for way, fn in ways.items()]
+    runs.append(("widening a bf16 cache", lambda k, v: (k.float(), v.float()), bf16_caches))
     with torch.inference_mode():
-        for way, fn in ways.items():
+        for way, fn, store in runs:
             best = float("inf")
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                for kc, vc in caches:
+                for kc, vc in store:
                     fn(kc[:, :, :cached], vc[:, :, :cached])  # cache views, as in the model
                 best = min(best, time.perf_counter() - t0)
-            print(f"  {way:18s} {1e3 * best:6.1f} ms per step")
+            print(f"  {way:22s} {1e3 * best:6.1f} ms per step")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["decode-matmuls", "decode-bound", "prefill", "malloc",
-                                         "decode-attention"])
-    parser.add_argument("--cached", type=int, default=900)
+    parser.add_argument("what", choices=["decode-matmuls", "decode-bound", "decode-step",
+                                         "prefill", "malloc", "decode-attention"])
+    parser.add_argument("--cached", type=int, default=900, help="cached tokens per sequence")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-steps", type=int, default=80)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -204,6 +285,9 @@ def main() -> None:
         decode_matmuls(args.rows, args.repeats)
     elif args.what == "decode-bound":
         decode_bound(args.repeats)
+    elif args.what == "decode-step":
+        decode_step(weights_from_args(args.weights), args.dtype, args.rows, args.cached,
+                    args.repeats)
     elif args.what == "prefill":
         prefill(weights_from_args(args.weights), args.data, args.repeats, args.prompts,
                 args.prompt_steps, args.dtype)

@@ -304,3 +304,132 @@ def test_only_frozen_weights_of_decode_steps_are_packed(monkeypatch):
     assert frozen.weight in kernels._packed
     kernels.clear_packed_weights()
     assert frozen.weight not in kernels._packed
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops a block of code dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _projections(dtype, biases=(True, True, False)):
+    torch.manual_seed(7)
+    layers = [kernels.Linear(24, n, bias=b).to(dtype).requires_grad_(False)
+              for n, b in zip((32, 8, 8), biases)]
+    with torch.no_grad():
+        for layer in layers:
+            if layer.bias is not None:
+                layer.bias.normal_()
+    return layers
+
+
+@pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_stacked_decode_projections_equal_the_layers(mode, dtype, monkeypatch):
+    """A decode step's projections that share an input run as one matmul over their stacked
+    weights (a missing bias as zeros) and give each layer's own result."""
+    mode("emulate")
+    monkeypatch.delenv(kernels.PACK_ENV, raising=False)
+    layers = _projections(dtype)
+    x = torch.randn(4, 1, 24).to(dtype)
+    with torch.no_grad():
+        expected = [layer(x) for layer in layers]
+        kernels.clear_packed_weights()
+        with _Ops() as rec:
+            got = kernels.linears(x, layers)
+    aten = torch.ops.aten
+    matmul_ops = {aten.mm.default, aten.addmm.default, aten.linear.default,
+                  torch.ops.mkldnn._linear_pointwise.default}
+    assert [op for op in rec.ops if op in matmul_ops] == [torch.ops.mkldnn._linear_pointwise.default]
+    assert layers[0].weight in kernels._stacked
+    assert all(layer.weight not in kernels._packed for layer in layers)
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and g.dtype == dtype
+        if dtype == BF16:
+            assert_bf16_close(g, e, ulps=1)
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
+def test_stacked_weight_is_refreshed_when_any_layer_changes(monkeypatch):
+    """The stacked copy is kept under the first weight but follows in-place changes of the
+    others (a LoRA merge into v_proj) and of the biases."""
+    monkeypatch.delenv(kernels.PACK_ENV, raising=False)
+    layers = _projections(torch.float32)
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        kernels.linears(x, layers)
+        stacked = kernels._stacked[layers[0].weight][1]
+        kernels.linears(x, layers)
+        assert kernels._stacked[layers[0].weight][1] is stacked
+        layers[2].weight.add_(1.0)
+        after_weight = kernels.linears(x, layers)
+        assert kernels._stacked[layers[0].weight][1] is not stacked
+        layers[1].bias.add_(1.0)
+        after_bias = kernels.linears(x, layers)
+        expected = [F.linear(x, layer.weight, layer.bias) for layer in layers]
+    torch.testing.assert_close(after_weight[2], expected[2], rtol=1e-6, atol=1e-6)
+    for g, e in zip(after_bias, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_stacking_steps_aside(monkeypatch):
+    """Wide calls, autograd, a wrapped (LoRA) layer, hooks watching a layer and packing turned
+    off all run the layers one by one."""
+    from qwenlite.lora import LoRALinear
+
+    monkeypatch.delenv(kernels.PACK_ENV, raising=False)
+    layers = _projections(torch.float32)
+    small = torch.randn(2, 24)
+
+    def stacks(x, layers, grad=False):
+        kernels.clear_packed_weights()
+        with torch.set_grad_enabled(grad):
+            kernels.linears(x, layers)
+        return layers[0].weight in kernels._stacked
+
+    assert stacks(small, layers) == kernels._onednn_linear()
+    assert not stacks(torch.randn(kernels.SKINNY_ROWS + 1, 24), layers)
+    assert not stacks(small.requires_grad_(True), layers, grad=True)
+    assert not stacks(torch.randn(2, 24), [LoRALinear(layers[0], r=2, alpha=4), *layers[1:]])
+    seen = []
+    handle = layers[1].register_forward_hook(lambda *a: seen.append(1))
+    assert not stacks(torch.randn(2, 24), layers) and seen == [1]
+    handle.remove()
+    monkeypatch.setenv(kernels.PACK_ENV, "0")
+    assert not stacks(torch.randn(2, 24), layers)
+
+
+def test_widened_cache_decodes_exactly_as_a_bf16_cache(mode):
+    """A bf16 model emulated on the fp32 units keeps its KV cache in fp32 holding the same bf16
+    values: every decode step's logits are bit for bit those of a cache kept in bf16."""
+    from qwenlite.model.attention import KVCache
+
+    mode("emulate")
+    cfg = QwenConfig.from_name("tiny")
+    model = init_random(cfg, seed=9).to(BF16)
+    widened = model.new_cache(2, 12)
+    assert widened.holds_bf16 and widened.k.dtype == torch.float32
+    plain = KVCache(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 12, cfg.head_dim, BF16,
+                    "cpu")
+    assert not plain.holds_bf16 and plain.k.dtype == BF16
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    with torch.inference_mode():
+        outs = []
+        for cache in (widened, plain):
+            steps = [model(ids[:, :5], cache=cache)]
+            for t in range(5, 8):
+                steps.append(model(ids[:, t:t + 1], cache=cache, cache_start=t))
+            outs.append(steps)
+        assert torch.equal(widened.k[..., :8, :].to(BF16).float(), widened.k[..., :8, :])
+    for a, b in zip(*outs):
+        assert a.dtype == BF16 and torch.equal(a, b)
+    mode("native")
+    assert not model.new_cache(2, 12).holds_bf16

@@ -23,11 +23,18 @@ class KVCache:
     Args:
         n_layers, batch, n_kv_heads, max_len, head_dim: buffer shape
             ``(n_layers, batch, n_kv_heads, max_len, head_dim)`` for keys and for values.
+        dtype: the keys' and values' dtype.
+        widen_bf16: hold bf16 keys and values in fp32 buffers (exactly: widening bf16 to fp32
+            loses nothing), for attention emulated on the fp32 units, which would otherwise
+            widen the whole cache at every decode step (see :meth:`QwenForCausalLM.new_cache`).
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, widen_bf16: bool = False):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.holds_bf16 = widen_bf16 and dtype == torch.bfloat16
+        if self.holds_bf16:
+            dtype = torch.float32
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
@@ -95,22 +102,25 @@ class Attention(nn.Module):
             (batch, n, hidden).
         """
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = kernels.linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = RotaryEmbedding.apply(q, cos, sin)
         k = RotaryEmbedding.apply(k, cos, sin)
+        kv_bf16 = False
         if cache is not None:
             k_all, v_all = cache.update(self.layer_idx, cache_start, k, v)
             if cache_start:  # a prefill attends to its own fresh (contiguous) keys and values
                 k, v = k_all, v_all
+                kv_bf16 = cache.holds_bf16
         causal = mask is None and n > 1
         if self.impl == "eager":
             out = self._eager(q, k, v, mask, causal)
         else:
             out = kernels.attention(
                 q, k, v, attn_mask=mask, is_causal=causal,
-                enable_gqa=self.n_kv_heads != self.n_heads,
+                enable_gqa=self.n_kv_heads != self.n_heads, kv_bf16=kv_bf16,
             )
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
 

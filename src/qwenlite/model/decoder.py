@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qwenlite.model import kernels
 from qwenlite.model.attention import Attention, KVCache
 from qwenlite.model.config import QwenConfig
 from qwenlite.model.counting import EXP, LOG, FlopCount, linear_flops
@@ -166,10 +167,17 @@ class QwenForCausalLM(nn.Module):
         return self.lm_head(h)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """A zeroed KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        """A zeroed KV cache for ``batch`` sequences of up to ``max_len`` tokens.
+
+        A bf16 model whose matmuls are emulated on the fp32 units (:mod:`kernels`) keeps its keys
+        and values in fp32 (the same bf16 values, twice the memory), so that attention reads them
+        as they are instead of widening the whole cache at every decode step: on a 2-core Zen 3
+        that widening takes ~5 ms of a step at 8 sequences × 900 cached tokens
+        (``python benchmarks/bench_cpu_measures.py decode-attention``)."""
         c = self.config
+        widen = self.device.type == "cpu" and kernels.bf16_matmul_mode() == "emulate"
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
-                       self.dtype, self.device)
+                       self.dtype, self.device, widen_bf16=widen)
 
     def flops(self, n_new: int, n_cached: int = 0, logits: int | None = None,
               masked: bool | None = None, gqa_as_mha: bool = False,

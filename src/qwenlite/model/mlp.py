@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenlite.model import kernels
 from qwenlite.model.counting import EXP, FlopCount, linear_flops
 from qwenlite.model.kernels import Linear
 
@@ -21,7 +22,8 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq, hidden) -> (batch, seq, hidden)."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = kernels.linears(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
     def flops(self, n_tokens: int) -> FlopCount:
         """Projections as matmuls; SiLU(g) = g / (1 + exp(−g)) is a negation, an exp, an add and
