@@ -431,5 +431,9 @@ def test_widened_cache_decodes_exactly_as_a_bf16_cache(mode):
         assert torch.equal(widened.k[..., :8, :].to(BF16).float(), widened.k[..., :8, :])
     for a, b in zip(*outs):
         assert a.dtype == BF16 and torch.equal(a, b)
+    model.set_attention_impl("eager")  # the spelled-out attention reads a widened cache too
+    with torch.inference_mode():
+        eager = model(ids[:, 7:8], cache=widened, cache_start=7)
+    assert_bf16_close(eager, outs[0][-1], ulps=4)
     mode("native")
     assert not model.new_cache(2, 12).holds_bf16

@@ -125,6 +125,7 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
 
     def _eager(self, q, k, v, mask, causal):
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a widened bf16 cache holds them in fp32
         groups = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
