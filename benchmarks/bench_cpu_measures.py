@@ -24,8 +24,9 @@
         KV cache that holds its bf16 values in fp32 (``KVCache(widen_bf16=True)``).
     python benchmarks/bench_cpu_measures.py decode-attention [--rows 8] [--cached 900]
         One decode step's attention over 24 layers' KV caches (14 query heads over 2 KV heads,
-        left-padding mask): torch's SDPA against ``qwenlite.model.kernels._decode_attention``,
-        and what widening a bf16 cache to fp32 costs (emulated bf16 attention on a cache kept in
+        left-padding mask): torch's SDPA with GQA against ``qwenlite.model.kernels.
+        _decode_attention`` (one SDPA over each KV head's stacked query heads) and against two
+        batched matmuls (qwenlite's way before), and what widening a bf16 cache to fp32 costs (emulated bf16 attention on a cache kept in
         bf16, which qwenlite's KV cache avoids by holding bf16 values in fp32).
 """
 
@@ -237,6 +238,9 @@ def malloc() -> None:
 
 def decode_attention(rows: int, cached: int, repeats: int) -> None:
     from qwenlite.model.kernels import _decode_attention
+    from qwenlite.model.memory import keep_freed_memory
+
+    keep_freed_memory()  # as load_model sets it: fresh 1-4 MB results would fault in page by page
 
     gen = torch.Generator().manual_seed(0)
     max_len = cached + 100
@@ -249,6 +253,7 @@ def decode_attention(rows: int, cached: int, repeats: int) -> None:
         "SDPA": lambda k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                            enable_gqa=True),
         "_decode_attention": lambda k, v: _decode_attention(q, k, v, attn_mask=mask),
+        "two matmuls": lambda k, v: _two_matmul_attention(q, k, v, attn_mask=mask),
     }
     k, v = caches[0][0][:, :, :cached], caches[0][1][:, :, :cached]
     err = (ways["SDPA"](k, v) - ways["_decode_attention"](k, v)).abs().max().item()

@@ -437,3 +437,40 @@ def test_widened_cache_decodes_exactly_as_a_bf16_cache(mode):
     assert_bf16_close(eager, outs[0][-1], ulps=4)
     mode("native")
     assert not model.new_cache(2, 12).holds_bf16
+
+
+def test_native_bf16_decode_prepacks_in_bf16_where_onednn_has_bf16(mode, monkeypatch):
+    """On a CPU with bf16 units (native mode) a decode step prepacks its weights in bf16 (2 bytes
+    per parameter) and stacks q/k/v and gate/up, as fp32 does. This CPU's oneDNN may lack bf16,
+    so its two prepacked ops stand in as plain bf16 ops; what is tested is qwenlite's routing."""
+    mode("native")
+    monkeypatch.delenv(kernels.PACK_ENV, raising=False)
+    packs = []
+
+    def fake_pack(w, rows):
+        packs.append(w.dtype)
+        return w.clone()
+
+    monkeypatch.setattr(kernels, "_pack", fake_pack)
+    monkeypatch.setattr(kernels, "_packed_linear", lambda x, w, b: F.linear(x, w, b))
+    monkeypatch.setattr(kernels, "_onednn_linear", lambda dtype=torch.float32: True)
+    layers = _projections(BF16)
+    x = torch.randn(4, 1, 24).to(BF16)
+    with torch.no_grad():
+        single = layers[2](x)
+        stacked = kernels.linears(x, layers)
+        expected = [F.linear(x, layer.weight, layer.bias) for layer in layers]
+    assert packs == [BF16, BF16]  # layers[2] alone, then the stack
+    assert kernels._packed[layers[2].weight][1].dtype == BF16
+    assert kernels._stacked[layers[0].weight][1][0].dtype == BF16
+    torch.testing.assert_close(single, expected[2])
+    for g, e in zip(stacked, expected):
+        assert g.dtype == BF16
+        assert_bf16_close(g, e, ulps=1)
+    # Where oneDNN lacks bf16, native bf16 decode stays torch's F.linear and keeps no copy.
+    kernels.clear_packed_weights()
+    monkeypatch.setattr(kernels, "_onednn_linear", lambda dtype=torch.float32: dtype != BF16)
+    with torch.no_grad():
+        kernels.linears(x, layers)
+        layers[2](x)
+    assert layers[0].weight not in kernels._stacked and layers[2].weight not in kernels._packed

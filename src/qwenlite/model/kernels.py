@@ -17,7 +17,9 @@ Decode steps, in fp32 and in bf16 alike, are a different problem: a few rows thr
 weight, so their speed is how fast the weights stream from memory. There a frozen parameter keeps
 a copy of its (bf16-rounded) values in fp32, reordered once into oneDNN's blocked layout, which
 streams fastest (:func:`_decode_linear`); that costs 4 more bytes per parameter while generating.
-``QWENLITE_PACK_WEIGHTS=0`` keeps plain fp32 copies instead (bf16 models; fp32 ones keep none).
+Projections that share an input (q/k/v, gate/up) keep one such copy of their weights stacked and
+run as one matmul (:func:`linears`). ``QWENLITE_PACK_WEIGHTS=0`` keeps plain fp32 copies instead
+(bf16 models; fp32 ones keep none).
 
 ``QWENLITE_BF16_MATMUL=native`` (or :func:`set_bf16_matmul`) turns emulation off; ``emulate``
 forces it on any CPU.
@@ -165,29 +167,43 @@ _packed = WeakTensorKeyDictionary()
 _stacked = WeakTensorKeyDictionary()
 
 
+def _pack(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` (out, in) reordered into oneDNN's blocked layout for ``rows`` input rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """``x·Wᵀ + b`` through a weight made by :func:`_pack`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 @functools.cache
-def _onednn_linear() -> bool:
-    """Whether torch has oneDNN's prepacked linear here and it computes ``F.linear``. Checked
-    outside any dispatch mode (a FLOPS counter must not see the check) and without the RNG."""
+def _onednn_linear(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether torch has oneDNN's prepacked linear here for ``dtype`` and it computes
+    ``F.linear`` (bf16 needs a CPU that oneDNN runs bf16 on: AVX512-BF16, AMX or AVX-NE-CONVERT;
+    on others it raises). Checked outside any dispatch mode (a FLOPS counter must not see the
+    check) and without the RNG."""
     try:
         from torch.utils._python_dispatch import _disable_current_modes
     except ImportError:  # pragma: no cover - older torch
         _disable_current_modes = contextlib.nullcontext
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     try:
         with _disable_current_modes(), torch.inference_mode(False), torch.no_grad():
-            w = torch.arange(24 * 16, dtype=torch.float32).reshape(24, 16).sin()
-            x = torch.arange(3 * 16, dtype=torch.float32).reshape(3, 16).cos()
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
-            out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-            return bool(torch.allclose(out, F.linear(x, w), rtol=1e-4, atol=1e-5))
+            w = torch.arange(24 * 16, dtype=torch.float32).reshape(24, 16).sin().to(dtype)
+            x = torch.arange(3 * 16, dtype=torch.float32).reshape(3, 16).cos().to(dtype)
+            out = _packed_linear(x, _pack(w, 3), None)
+            return out.dtype == dtype and bool(
+                torch.allclose(out.float(), F.linear(x.float(), w.float()), **tol))
     except (AttributeError, RuntimeError):
         return False
 
 
-def packing_enabled() -> bool:
-    """Whether decode steps use prepacked weights: ``$QWENLITE_PACK_WEIGHTS`` is not ``0`` and
-    torch has oneDNN's linear."""
-    return os.environ.get(PACK_ENV, "1").strip() != "0" and _onednn_linear()
+def packing_enabled(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether decode steps use weights prepacked in ``dtype``: ``$QWENLITE_PACK_WEIGHTS`` is not
+    ``0`` and torch has oneDNN's linear for it here."""
+    return os.environ.get(PACK_ENV, "1").strip() != "0" and _onednn_linear(dtype)
 
 
 def clear_packed_weights() -> None:
@@ -197,17 +213,21 @@ def clear_packed_weights() -> None:
 
 
 def _packed_weight(weight: nn.Parameter, rows: int, bf16: bool) -> torch.Tensor:
-    """``weight`` (rounded to bf16 if ``bf16``, held in fp32) reordered once into oneDNN's
-    blocked layout; refreshed when the parameter changes in place (e.g. by a LoRA merge)."""
+    """``weight`` (rounded to bf16 and held in fp32 if ``bf16``, i.e. emulating; else in its own
+    dtype) reordered once into oneDNN's blocked layout; refreshed when the parameter changes in
+    place (e.g. by a LoRA merge)."""
     def make(w):
-        w = w.to(torch.bfloat16).float() if bf16 else w.float()
-        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+        w = w.to(torch.bfloat16).float() if bf16 else w
+        return _pack(w.contiguous(), rows)
     return _kept(_packed, weight, make, tag=bf16)
 
 
-def _prepackable(weight: torch.Tensor) -> bool:
-    """Whether a decode step keeps ``weight`` prepacked: a frozen parameter, packing on."""
-    return isinstance(weight, nn.Parameter) and not weight.requires_grad and packing_enabled()
+def _prepackable(weight: torch.Tensor, emulate: bool) -> bool:
+    """Whether a decode step keeps ``weight`` prepacked: a frozen parameter, and packing on for
+    the dtype the copy holds (fp32 when emulating)."""
+    dtype = torch.float32 if emulate else weight.dtype
+    return (isinstance(weight, nn.Parameter) and not weight.requires_grad
+            and packing_enabled(dtype))
 
 
 def _is_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -219,12 +239,12 @@ def _is_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """``x·Wᵀ + b`` for a decode step's few rows, in fp32 (an emulated bf16 matmul rounds its
-    input and output to bf16).
+    input and output to bf16), or in bf16 through a prepacked weight on a CPU with bf16 units.
 
     A decode step streams every weight from memory for a few rows, and how fast BLAS streams it
     depends on the layout. A parameter is reordered once into oneDNN's blocked layout and kept
-    (4 bytes per parameter more): on a 2-core Zen 3 all of a 0.5B model's matmuls for 8 rows take
-    127 ms so, against 216 ms as BLAS runs them at best
+    (4 bytes per parameter more; 2 for bf16 kept as bf16): on a 2-core Zen 3 all of a 0.5B
+    model's fp32 matmuls for 8 rows take 127 ms so, against 216 ms as BLAS runs them at best
     (``python benchmarks/bench_cpu_measures.py decode-matmuls``). Without oneDNN (or with
     ``QWENLITE_PACK_WEIGHTS=0``) widening projections (the MLP's gate and up, the LM head) run as
     ``W·xᵀ``, faster than ``x·Wᵀ`` there (1.85 vs 2.9 ms for 8 rows through 896→4864), the
@@ -234,11 +254,11 @@ def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
     rows = x.numel() // x.shape[-1]
     if bias is not None and bf16:
         bias = as_bf16_fp32(bias, rows)
-    if _prepackable(weight):
+    if _prepackable(weight, bf16):
         packed = _packed_weight(weight, rows, bf16)
 
         def matmul(x2):
-            return torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+            return _packed_linear(x2, packed, bias)
     else:
         w = as_bf16_fp32(weight, rows) if bf16 else weight
 
@@ -255,10 +275,17 @@ def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
 def _decode_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   emulate: bool) -> bool:
     """Whether :func:`linear` computes this call with :func:`_decode_linear`: a decode step's few
-    rows, in fp32 or as an emulated bf16 matmul."""
-    fp32 = x.dtype == weight.dtype == torch.float32 and not (
-        x.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
-    return (emulate or fp32) and _is_decode(x, weight, bias)
+    rows, in fp32, as an emulated bf16 matmul, or in bf16 where oneDNN has bf16 here (the
+    prepacked layout then serves a CPU with bf16 units as it serves fp32)."""
+    if not _is_decode(x, weight, bias):
+        return False
+    if emulate:
+        return True
+    if torch.is_autocast_enabled("cpu"):
+        return False
+    if x.dtype == weight.dtype == torch.float32:
+        return True
+    return x.dtype == weight.dtype == torch.bfloat16 and _prepackable(weight, False)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,23 +304,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _stacked_weight(weights: Sequence[nn.Parameter], biases: Sequence[torch.Tensor | None],
                     rows: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``weights`` stacked along their outputs (rounded to bf16 if ``bf16``, held in fp32) and
-    prepacked like :func:`_packed_weight`, with their biases stacked the same way (a missing bias
+    """``weights`` stacked along their outputs (rounded to bf16 and held in fp32 if ``bf16``,
+    i.e. emulating) and prepacked like :func:`_packed_weight`, with their biases stacked the same way (a missing bias
     stands as zeros; None if all are missing). Kept under the first weight and made anew when any
     of the tensors changes in place."""
     rest = [*weights[1:], *(b for b in biases if b is not None)]
     versions = tuple((t.data_ptr(), t._version) for t in rest)
 
     def make(w0):
-        w = torch.cat([w0, *(w.detach() for w in weights[1:])]).float()
+        w = torch.cat([w0, *(w.detach() for w in weights[1:])])
         b = None
         if any(b is not None for b in biases):
-            b = torch.cat([torch.zeros(w_.shape[0], device=w.device) if b_ is None
-                           else b_.detach().float() for w_, b_ in zip(weights, biases)])
+            b = torch.cat([torch.zeros(w_.shape[0], dtype=w.dtype, device=w.device) if b_ is None
+                           else b_.detach().to(w.dtype) for w_, b_ in zip(weights, biases)])
         if bf16:
             w = w.to(torch.bfloat16).float()
             b = None if b is None else b.to(torch.bfloat16).float()
-        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows), b
+        return _pack(w.contiguous(), rows), b
     return _kept(_stacked, weights[0], make, tag=(bf16, versions))
 
 
@@ -320,14 +347,14 @@ def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     weights = [layer.weight for layer in layers]
     biases = [layer.bias for layer in layers]
     emulate = emulating(x)
-    if not all(_decode_route(x, w, b, emulate) and _prepackable(w)
+    if not all(_decode_route(x, w, b, emulate) and _prepackable(w, emulate)
                for w, b in zip(weights, biases)):
         return [layer(x) for layer in layers]
     rows = x.numel() // x.shape[-1]
     packed, bias = _stacked_weight(weights, biases, rows, emulate)
 
     def matmul(x2):
-        return torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+        return _packed_linear(x2, packed, bias)
     x2 = x.reshape(rows, x.shape[-1])
     out = _on_fp32_units(matmul, x2) if emulate else matmul(x2)
     sizes = [w.shape[0] for w in weights]
@@ -356,7 +383,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bf16: bool =
     emulation, :class:`~qwenlite.model.attention.KVCache`), used as they are.
 
     A decode step on the CPU (one query per sequence, no autograd) runs as
-    :func:`_decode_attention`: SDPA's CPU kernel takes ~1 ms per layer there
+    :func:`_decode_attention`: for 8 sequences over 900 cached tokens, 24 layers took 24–26 ms
+    so against 40–46 ms through SDPA with ``enable_gqa`` and 27–31 ms as two batched matmuls
     (``python benchmarks/bench_cpu_measures.py decode-attention``)."""
     emulate = emulating(q)
     if kv_bf16 and not emulate:  # emulation turned off since the cache was made
