@@ -26,8 +26,9 @@
         One decode step's attention over 24 layers' KV caches (14 query heads over 2 KV heads,
         left-padding mask): torch's SDPA with GQA against ``qwenlite.model.kernels.
         _decode_attention`` (one SDPA over each KV head's stacked query heads) and against two
-        batched matmuls (qwenlite's way before), and what widening a bf16 cache to fp32 costs (emulated bf16 attention on a cache kept in
-        bf16, which qwenlite's KV cache avoids by holding bf16 values in fp32).
+        batched matmuls (qwenlite's way before), and what widening a bf16 cache to fp32 costs
+        (emulated bf16 attention on a cache kept in bf16, which qwenlite's KV cache avoids by
+        holding bf16 values in fp32).
 """
 
 from __future__ import annotations
@@ -117,13 +118,18 @@ def decode_bound(repeats: int) -> None:
 
 
 def _two_matmul_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
-    """Decode attention as qwenlite computed it before stacking query heads into one SDPA: two
-    batched matmuls around a masked softmax."""
+    """Decode attention as qwenlite computed it before stacking query heads into one SDPA
+    (``kernels._decode_attention`` up to commit e5b6fd5): two batched matmuls around a masked
+    softmax, scaled and masked in place."""
     b, h, _, d = q.shape
     kv = k.shape[1]
-    scores = torch.matmul(q.reshape(b, kv, h // kv, d), k.transpose(-1, -2)) / d ** 0.5
+    scores = torch.matmul(q.reshape(b, kv, h // kv, d), k.transpose(-1, -2))
+    scores.mul_(1.0 / d ** 0.5)
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        if attn_mask.dtype == torch.bool:
+            scores.masked_fill_(~attn_mask, float("-inf"))
+        else:
+            scores.add_(attn_mask)
     return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(b, h, 1, d)
 
 
@@ -168,8 +174,8 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
             model.lm_head(hidden).float().argmax(-1)
             return time.perf_counter() - t0
     print(f"{machine()}; checkpoint {weights}; {dtype}; one decode step of {rows} sequences over "
-          f"{cached} cached tokens; the ways in alternating rounds of two steps (the second "
-          f"timed), {rounds} rounds")
+          f"{cached}-{cached + 189} cached tokens (positions cycle); the ways in alternating "
+          f"rounds of two steps (the second timed), {rounds} rounds")
     times: dict[str, list[float]] = {way: [] for way in ways}
     try:
         for way in ways.values():

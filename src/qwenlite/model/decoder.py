@@ -172,10 +172,12 @@ class QwenForCausalLM(nn.Module):
         A bf16 model whose matmuls are emulated on the fp32 units (:mod:`kernels`) keeps its keys
         and values in fp32 (the same bf16 values, twice the memory), so that attention reads them
         as they are instead of widening the whole cache at every decode step: on a 2-core Zen 3
-        that widening takes ~5 ms of a step at 8 sequences × 900 cached tokens
-        (``python benchmarks/bench_cpu_measures.py decode-attention``)."""
+        that widening takes 5.1–7.6 ms of a step at 8 sequences × 900 cached tokens and 1.8–2.5 ms
+        at 250 (``python benchmarks/bench_cpu_measures.py decode-attention``); at 250–440 tokens the
+        model's whole step measured the same either way, within noise."""
         c = self.config
-        widen = self.device.type == "cpu" and kernels.bf16_matmul_mode() == "emulate"
+        widen = (self.dtype == torch.bfloat16 and self.device.type == "cpu"
+                 and kernels.bf16_matmul_mode() == "emulate")
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
                        self.dtype, self.device, widen_bf16=widen)
 

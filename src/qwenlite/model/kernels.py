@@ -16,10 +16,11 @@ matmuls (prefill, training) convert per call and keep nothing.
 Decode steps, in fp32 and in bf16 alike, are a different problem: a few rows through every
 weight, so their speed is how fast the weights stream from memory. There a frozen parameter keeps
 a copy of its (bf16-rounded) values in fp32, reordered once into oneDNN's blocked layout, which
-streams fastest (:func:`_decode_linear`); that costs 4 more bytes per parameter while generating.
-Projections that share an input (q/k/v, gate/up) keep one such copy of their weights stacked and
-run as one matmul (:func:`linears`). ``QWENLITE_PACK_WEIGHTS=0`` keeps plain fp32 copies instead
-(bf16 models; fp32 ones keep none).
+streams fastest (:func:`_decode_linear`); that costs 4 more bytes per parameter while generating
+(2 on a CPU that runs bf16 natively, where the copy stays bf16). Projections that share an input
+(q/k/v, gate/up) keep one such copy of their weights stacked and run as one matmul
+(:func:`linears`). ``QWENLITE_PACK_WEIGHTS=0`` keeps plain fp32 copies instead (emulated bf16
+models; others keep none). :func:`clear_packed_weights` frees them all.
 
 ``QWENLITE_BF16_MATMUL=native`` (or :func:`set_bf16_matmul`) turns emulation off; ``emulate``
 forces it on any CPU.
@@ -93,7 +94,7 @@ _NO_CONTEXT = contextlib.nullcontext()
 def _cpu_autocast_off():
     """A context that turns CPU autocast off for exact fp32 arithmetic; a no-op context when it is
     off already (entering ``torch.autocast`` costs Python time on every one of a decode step's
-    169 matmuls and 24 attentions)."""
+    ~100 matmuls and 24 attentions)."""
     return torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else _NO_CONTEXT
 
 
@@ -105,8 +106,10 @@ def _autograd(*tensors: torch.Tensor | None) -> bool:
 def _kept(store: WeakTensorKeyDictionary, t: nn.Parameter, make, keep: bool = True,
           tag=None) -> torch.Tensor:
     """``make(t.detach())``, remembered in ``store`` for ``t`` until ``t`` changes in place (a
-    LoRA merge bumps its version). Made outside inference mode, so that a copy made while
-    generating can serve training, and only kept when ``keep`` or an older copy was kept."""
+    LoRA merge bumps its version) or gets new data (``model.to(...)``: a new address or dtype;
+    a round trip that lands on the same address, dtype and version would go unseen). Made
+    outside inference mode, so that a copy made while generating can serve training, and only
+    kept when ``keep`` or an older copy was kept."""
     key = (t.data_ptr(), t._version, t.dtype, t.shape, tag)
     hit = store.get(t)
     if hit is not None and hit[0] == key:
@@ -181,8 +184,9 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor,
 @functools.cache
 def _onednn_linear(dtype: torch.dtype = torch.float32) -> bool:
     """Whether torch has oneDNN's prepacked linear here for ``dtype`` and it computes
-    ``F.linear`` (bf16 needs a CPU that oneDNN runs bf16 on: AVX512-BF16, AMX or AVX-NE-CONVERT;
-    on others it raises). Checked outside any dispatch mode (a FLOPS counter must not see the
+    ``F.linear``, with and without a bias, for the hinted number of rows and others (bf16 needs
+    a CPU that oneDNN runs bf16 on — AVX512BW/VL/DQ, AVX512-BF16, AMX or AVX-NE-CONVERT; it
+    raises on others). Checked outside any dispatch mode (a FLOPS counter must not see the
     check) and without the RNG."""
     try:
         from torch.utils._python_dispatch import _disable_current_modes
@@ -192,10 +196,15 @@ def _onednn_linear(dtype: torch.dtype = torch.float32) -> bool:
     try:
         with _disable_current_modes(), torch.inference_mode(False), torch.no_grad():
             w = torch.arange(24 * 16, dtype=torch.float32).reshape(24, 16).sin().to(dtype)
-            x = torch.arange(3 * 16, dtype=torch.float32).reshape(3, 16).cos().to(dtype)
-            out = _packed_linear(x, _pack(w, 3), None)
-            return out.dtype == dtype and bool(
-                torch.allclose(out.float(), F.linear(x.float(), w.float()), **tol))
+            b = torch.arange(24, dtype=torch.float32).cos().to(dtype)
+            packed = _pack(w, 8)
+            for rows, bias in ((8, None), (3, b), (1, b)):  # the hinted rows and others
+                x = torch.arange(rows * 16, dtype=torch.float32).reshape(rows, 16).cos().to(dtype)
+                out = _packed_linear(x, packed, bias)
+                expected = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+                if out.dtype != dtype or not torch.allclose(out.float(), expected, **tol):
+                    return False
+            return True
     except (AttributeError, RuntimeError):
         return False
 
@@ -236,6 +245,14 @@ def _is_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
             and not _autograd(x, weight, bias))
 
 
+def _rows_through(matmul, x: torch.Tensor, emulate: bool, width: int) -> torch.Tensor:
+    """``matmul`` over ``x``'s rows as a 2-D block, as a bf16 matmul on the fp32 units if
+    ``emulate``, reshaped back to ``x``'s leading dimensions with ``width`` outputs."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = _on_fp32_units(matmul, x2) if emulate else matmul(x2)
+    return out.reshape(*x.shape[:-1], width)
+
+
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """``x·Wᵀ + b`` for a decode step's few rows, in fp32 (an emulated bf16 matmul rounds its
@@ -267,9 +284,7 @@ def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
                 return F.linear(x2, w, bias)
             out = (w @ x2.T).T.contiguous()
             return out if bias is None else out + bias
-    x2 = x.reshape(rows, x.shape[-1])
-    out = _on_fp32_units(matmul, x2) if bf16 else matmul(x2)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return _rows_through(matmul, x, bf16, weight.shape[0])
 
 
 def _decode_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -305,9 +320,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def _stacked_weight(weights: Sequence[nn.Parameter], biases: Sequence[torch.Tensor | None],
                     rows: int, bf16: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``weights`` stacked along their outputs (rounded to bf16 and held in fp32 if ``bf16``,
-    i.e. emulating) and prepacked like :func:`_packed_weight`, with their biases stacked the same way (a missing bias
-    stands as zeros; None if all are missing). Kept under the first weight and made anew when any
-    of the tensors changes in place."""
+    i.e. emulating) and prepacked like :func:`_packed_weight`, with their biases stacked the
+    same way (a missing bias stands as zeros; None if all are missing). Kept under the first
+    weight and made anew when any of the tensors changes in place; making it frees the layers'
+    own prepacked copies (a decode step that once ran them one by one — under a FLOPS counter,
+    say — would otherwise keep both)."""
     rest = [*weights[1:], *(b for b in biases if b is not None)]
     versions = tuple((t.data_ptr(), t._version) for t in rest)
 
@@ -320,6 +337,8 @@ def _stacked_weight(weights: Sequence[nn.Parameter], biases: Sequence[torch.Tens
         if bf16:
             w = w.to(torch.bfloat16).float()
             b = None if b is None else b.to(torch.bfloat16).float()
+        for weight in weights:
+            _packed.pop(weight, None)
         return _pack(w.contiguous(), rows), b
     return _kept(_stacked, weights[0], make, tag=(bf16, versions))
 
@@ -328,7 +347,8 @@ def _observed(layer: nn.Module) -> bool:
     """Whether forward hooks watch ``layer``: its own, or global module hooks (a FLOPS counter's
     or a profiler's module tracking), which must see each layer's own call."""
     return bool(layer._forward_hooks or layer._forward_pre_hooks
-                or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+                or getattr(_module_hooks, "_global_forward_hooks", None)
+                or getattr(_module_hooks, "_global_forward_pre_hooks", None))
 
 
 def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
@@ -336,12 +356,13 @@ def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     and v projections; the MLP's gate and up).
 
     A decode step through plain frozen :class:`Linear` layers runs as one matmul over their
-    weights stacked and prepacked once (the stacked copy replaces the layers' own): 97 matmuls
-    a step instead of 169, which on a 2-core Zen 3 took a bf16 decode step of 8 sequences from
-    177.8 to 167.1 ms (medians; ``QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py
-    decode-step --dtype bf16 --cached 250``). Anything else — more rows,
-    autograd, a LoRA-wrapped layer, hooks watching the layers, packing off — runs layer by layer. The
-    outputs are then column slices of one result (views, not contiguous)."""
+    weights stacked and prepacked once (:func:`_stacked_weight`): 97 matmuls a step instead of
+    169. On a 2-core Zen 3 the model's bf16 decode step of 8 sequences measured 167.1 ms with it
+    against 177.8 ms without (medians), its fp32 step 183.6 against 180.3 — within that VM's
+    noise alone (``QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py decode-step``).
+    Anything else — more rows, autograd, a LoRA-wrapped layer, hooks watching the layers,
+    packing off — runs layer by layer. The stacked outputs are column slices of one result
+    (views, not contiguous)."""
     if not all(type(layer) is Linear and not _observed(layer) for layer in layers):
         return [layer(x) for layer in layers]
     weights = [layer.weight for layer in layers]
@@ -350,15 +371,10 @@ def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     if not all(_decode_route(x, w, b, emulate) and _prepackable(w, emulate)
                for w, b in zip(weights, biases)):
         return [layer(x) for layer in layers]
-    rows = x.numel() // x.shape[-1]
-    packed, bias = _stacked_weight(weights, biases, rows, emulate)
-
-    def matmul(x2):
-        return _packed_linear(x2, packed, bias)
-    x2 = x.reshape(rows, x.shape[-1])
-    out = _on_fp32_units(matmul, x2) if emulate else matmul(x2)
+    packed, bias = _stacked_weight(weights, biases, x.numel() // x.shape[-1], emulate)
     sizes = [w.shape[0] for w in weights]
-    return [o.reshape(*x.shape[:-1], o.shape[-1]) for o in out.split(sizes, dim=-1)]
+    out = _rows_through(lambda x2: _packed_linear(x2, packed, bias), x, emulate, sum(sizes))
+    return list(out.split(sizes, dim=-1))
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -383,9 +399,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bf16: bool =
     emulation, :class:`~qwenlite.model.attention.KVCache`), used as they are.
 
     A decode step on the CPU (one query per sequence, no autograd) runs as
-    :func:`_decode_attention`: for 8 sequences over 900 cached tokens, 24 layers took 24–26 ms
-    so against 40–46 ms through SDPA with ``enable_gqa`` and 27–31 ms as two batched matmuls
-    (``python benchmarks/bench_cpu_measures.py decode-attention``)."""
+    :func:`_decode_attention`: for 8 sequences over 900 cached tokens, 24 layers took 17.4 and
+    18.5 ms so against 20.4 ms as two batched matmuls and 27.6–37.2 ms through SDPA with
+    ``enable_gqa`` (two runs of ``python benchmarks/bench_cpu_measures.py decode-attention``)."""
     emulate = emulating(q)
     if kv_bf16 and not emulate:  # emulation turned off since the cache was made
         k, v = k.to(q.dtype), v.to(q.dtype)
