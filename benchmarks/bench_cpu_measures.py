@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from common import llmtime_prompts, machine, timed, weights_from_args
 
+from qwenlite.model.kernels import _pack, _packed_linear  # oneDNN's prepack and linear
+
 SHAPES = {"q": (896, 896), "k": (128, 896), "v": (128, 896), "o": (896, 896),
           "gate": (4864, 896), "up": (4864, 896), "down": (896, 4864)}
 
@@ -55,12 +57,11 @@ def decode_matmuls(rows: int, repeats: int) -> None:
     head = torch.randn(151936, 896, generator=gen) * 0.02
     weights = [w for layer in layers for w in layer.values()] + [head]
     names = [k for layer in layers for k in layer] + ["head"]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
+    packed = [_pack(w, rows) for w in weights]
     ways = {
         "x·Wᵀ": lambda x, i: F.linear(x, weights[i]),
         "W·xᵀ": lambda x, i: (weights[i] @ x.T).T.contiguous(),
-        "oneDNN prepacked": lambda x, i: torch.ops.mkldnn._linear_pointwise(
-            x, packed[i], None, "none", [], ""),
+        "oneDNN prepacked": lambda x, i: _packed_linear(x, packed[i], None),
     }
     x = torch.randn(rows, 896)
     err = (ways["oneDNN prepacked"](x, 4) - F.linear(x, weights[4])).abs().max().item()
@@ -90,10 +91,7 @@ def decode_bound(repeats: int) -> None:
     weights.append(torch.randn(151936, 896, generator=gen) * 0.02)
     gb = sum(w.numel() for w in weights) * 4 / 1e9
 
-    def linear(x, packed):
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights]
+    packed = [_pack(w, 8) for w in weights]
     xs = [torch.randn(8, w.shape[1]) for w in weights]
     read_s, _ = timed(lambda: [w.sum() for w in weights], repeats, warmup=1)
     print(f"{machine()}; every weight of a 0.5B decode step ({gb:.2f} GB fp32), cold cache, "
@@ -102,16 +100,17 @@ def decode_bound(repeats: int) -> None:
     threads = torch.get_num_threads()
     for n in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(n)
-        mm_s, _ = timed(lambda: [linear(x, p) for x, p in zip(xs, packed)], repeats, warmup=1)
+        mm_s, _ = timed(lambda: [_packed_linear(x, p, None) for x, p in zip(xs, packed)], repeats,
+                        warmup=1)
         print(f"  oneDNN matmul, 8 rows, {n} thread(s) {1e3 * mm_s:6.1f} ms  {gb / mm_s:5.1f} GB/s")
     torch.set_num_threads(threads)
     del packed
     gate = [torch.randn(4864, 896, generator=gen) * 0.02 for _ in range(48)]
     print("  prepacked matmul through 48 distinct 4864×896 weights, by rows:")
     for rows in (1, 2, 4, 8, 16, 32):
-        packed = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in gate]
+        packed = [_pack(w, rows) for w in gate]
         x = torch.randn(rows, 896)
-        t, _ = timed(lambda: [linear(x, p) for p in packed], repeats, warmup=1)
+        t, _ = timed(lambda: [_packed_linear(x, p, None) for p in packed], repeats, warmup=1)
         flops = 2 * rows * 48 * 4864 * 896
         print(f"    {rows:3d} rows {1e3 * t:6.1f} ms  {48 * 4864 * 896 * 4 / 1e9 / t:5.1f} GB/s  "
               f"{flops / t / 1e9:6.1f} GFLOPS")
