@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlite.loss import linear_cross_entropy
-from qwenlite.model import kernels
+from qwenlite.model import kernels, skinny
 from qwenlite.model.config import QwenConfig
 from qwenlite.model.loading import init_random
 
@@ -23,6 +23,13 @@ def mode():
     """Set the bf16 matmul mode for one test; restore the environment's afterwards."""
     yield kernels.set_bf16_matmul
     kernels.set_bf16_matmul(None)
+
+
+@pytest.fixture
+def onednn_decode(monkeypatch):
+    """Decode steps without the decode kernel (qwenlite.model.skinny), through weights
+    prepacked for oneDNN, as where the kernel is not built."""
+    monkeypatch.setenv(skinny.ENV, "0")
 
 
 def assert_bf16_close(actual, expected, ulps=2.0):
@@ -206,7 +213,7 @@ def test_fp32_models_are_untouched(mode):
 
 @pytest.mark.parametrize("pack", ["1", "0"])
 @pytest.mark.parametrize("rows", [1, 8, kernels.SKINNY_ROWS])
-def test_decode_layout_equals_linear(rows, pack, monkeypatch):
+def test_decode_layout_equals_linear(rows, pack, monkeypatch, onednn_decode):
     """A decode step's few rows, through a prepacked weight or in the W·xᵀ layout: the values of
     F.linear, contiguous."""
     monkeypatch.setenv(kernels.PACK_ENV, pack)
@@ -225,7 +232,7 @@ def test_decode_layout_equals_linear(rows, pack, monkeypatch):
 
 @pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_packed_weight_is_kept_and_refreshed(mode, dtype, monkeypatch):
+def test_packed_weight_is_kept_and_refreshed(mode, dtype, monkeypatch, onednn_decode):
     """The packed copy is made once, and made anew after an in-place change (a LoRA merge)."""
     mode("emulate")
     monkeypatch.setenv(kernels.PACK_ENV, "1")
@@ -283,7 +290,7 @@ def test_decode_attention_with_autograd_is_sdpa():
 
 
 @pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
-def test_only_frozen_weights_of_decode_steps_are_packed(monkeypatch):
+def test_only_frozen_weights_of_decode_steps_are_packed(monkeypatch, onednn_decode):
     """Packing (on by default) keeps a copy for a frozen weight's few-row, no-grad call only:
     not for a wide call, not for a trainable weight, not under autograd."""
     monkeypatch.delenv(kernels.PACK_ENV, raising=False)
@@ -331,7 +338,7 @@ def _projections(dtype, biases=(True, True, False)):
 
 @pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_stacked_decode_projections_equal_the_layers(mode, dtype, monkeypatch):
+def test_stacked_decode_projections_equal_the_layers(mode, dtype, monkeypatch, onednn_decode):
     """A decode step's projections that share an input run as one matmul over their stacked
     weights (a missing bias as zeros) and give each layer's own result."""
     mode("emulate")
@@ -359,7 +366,7 @@ def test_stacked_decode_projections_equal_the_layers(mode, dtype, monkeypatch):
 
 
 @pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
-def test_stacked_weight_is_refreshed_when_any_layer_changes(monkeypatch):
+def test_stacked_weight_is_refreshed_when_any_layer_changes(monkeypatch, onednn_decode):
     """The stacked copy is kept under the first weight but follows in-place changes of the
     others (a LoRA merge into v_proj) and of the biases."""
     monkeypatch.delenv(kernels.PACK_ENV, raising=False)
@@ -382,7 +389,7 @@ def test_stacked_weight_is_refreshed_when_any_layer_changes(monkeypatch):
 
 
 @pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
-def test_stacking_steps_aside(monkeypatch):
+def test_stacking_steps_aside(monkeypatch, onednn_decode):
     """Wide calls, autograd, a wrapped (LoRA) layer, hooks watching a layer and packing turned
     off all run the layers one by one."""
     from qwenlite.lora import LoRALinear
@@ -447,7 +454,7 @@ def test_widened_cache_decodes_exactly_as_a_bf16_cache(mode):
 
 
 @pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
-def test_stacking_frees_the_layers_own_packed_copies(monkeypatch):
+def test_stacking_frees_the_layers_own_packed_copies(monkeypatch, onednn_decode):
     """A decode step that once ran the projections one by one (a FLOPS counter watching) and
     then stacked keeps one copy of their weights, not two."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -464,7 +471,7 @@ def test_stacking_frees_the_layers_own_packed_copies(monkeypatch):
     assert all(layer.weight not in kernels._packed for layer in layers)
 
 
-def test_native_bf16_decode_prepacks_in_bf16_where_onednn_has_bf16(mode, monkeypatch):
+def test_native_bf16_decode_prepacks_in_bf16_where_onednn_has_bf16(mode, monkeypatch, onednn_decode):
     """On a CPU with bf16 units (native mode) a decode step prepacks its weights in bf16 (2 bytes
     per parameter) and stacks q/k/v and gate/up, as fp32 does. This CPU's oneDNN may lack bf16,
     so its two prepacked ops stand in as plain bf16 ops; what is tested is qwenlite's routing."""

@@ -27,11 +27,9 @@ import numpy as np
 import torch
 
 from qwenlite.errors import DataError, QwenliteError
-from qwenlite.io import atomic_write_text, read_json_object
+from qwenlite.io import atomic_write_text, cache_dir, read_json_object
 from qwenlite.preprocessor import LLMTimeSettings, encode
 
-CACHE_ENV = "QWENLITE_CACHE"
-DEFAULT_CACHE_DIR = Path("~/.cache/qwenlite")
 DEFAULT_FILENAME = "lotka_volterra_simulated.h5"
 VARIABLES = ("prey", "predator")
 
@@ -236,8 +234,7 @@ def simulate_to(path: str | Path, n_systems: int = 1000, n_points: int = 100, se
 
 def default_data_path() -> Path:
     """Where the simulated default dataset is cached."""
-    cache = os.environ.get(CACHE_ENV)
-    return (Path(cache) if cache else DEFAULT_CACHE_DIR).expanduser() / DEFAULT_FILENAME
+    return cache_dir() / DEFAULT_FILENAME
 
 
 def _is_current(path: Path) -> bool:

@@ -8,6 +8,16 @@ from pathlib import Path
 
 from qwenlite.errors import QwenliteError
 
+CACHE_ENV = "QWENLITE_CACHE"
+DEFAULT_CACHE_DIR = Path("~/.cache/qwenlite")
+
+
+def cache_dir() -> Path:
+    """qwenlite's cache directory: ``$QWENLITE_CACHE``, else ``~/.cache/qwenlite`` (the simulated
+    default dataset, built decode kernels)."""
+    cache = os.environ.get(CACHE_ENV)
+    return (Path(cache) if cache else DEFAULT_CACHE_DIR).expanduser()
+
 
 def read_json_object(path: str | Path, what: str,
                      error: type[QwenliteError] = QwenliteError) -> dict:

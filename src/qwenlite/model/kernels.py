@@ -40,6 +40,8 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from qwenlite.model import skinny
+
 ENV = "QWENLITE_BF16_MATMUL"
 MODES = ("auto", "native", "emulate")
 
@@ -253,6 +255,34 @@ def _rows_through(matmul, x: torch.Tensor, emulate: bool, width: int) -> torch.T
     return out.reshape(*x.shape[:-1], width)
 
 
+def _skinny(x: torch.Tensor, weights: Sequence[torch.Tensor],
+            biases: Sequence[torch.Tensor | None], emulate: bool) -> list[torch.Tensor] | None:
+    """``[x·Wᵀ + b ...]`` for a decode step's few rows through :mod:`skinny`'s kernel, which
+    reads the weights in place: an emulated bf16 matmul over bf16 weights (``x`` rounded to bf16,
+    fp32 arithmetic, bf16 results), or an fp32 one. None where the kernel does not serve: it is
+    off or not built here, more than ``skinny.MAX_ROWS`` rows, other dtypes (an fp32 model under
+    bf16 autocast, a CPU that runs bf16 natively), or something watching ops — a dispatch mode
+    such as a FLOPS counter, a tensor subclass, compilation — that an opaque call would dodge."""
+    rows = x.numel() // x.shape[-1]
+    if (rows > skinny.MAX_ROWS or type(x) is not torch.Tensor
+            or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()):
+        return None
+    dtype = torch.bfloat16 if emulate else torch.float32
+    if not emulate and x.dtype != dtype:
+        return None
+    for t in (*weights, *biases):
+        if t is not None and (t.dtype != dtype or type(t) not in (torch.Tensor, nn.Parameter)
+                              or not t.is_contiguous() or t.device.type != "cpu"):
+            return None
+    if not skinny.enabled():
+        return None
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    outs = skinny.linears(x2, weights, biases, dtype)
+    return [o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs]
+
+
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """``x·Wᵀ + b`` for a decode step's few rows, in fp32 (an emulated bf16 matmul rounds its
@@ -268,6 +298,9 @@ def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
     others as ``x·Wᵀ``.
     """
     bf16 = emulating(x)
+    out = _skinny(x, (weight,), (bias,), bf16)
+    if out is not None:
+        return out[0]
     rows = x.numel() // x.shape[-1]
     if bias is not None and bf16:
         bias = as_bf16_fp32(bias, rows)
@@ -368,8 +401,12 @@ def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     weights = [layer.weight for layer in layers]
     biases = [layer.bias for layer in layers]
     emulate = emulating(x)
-    if not all(_decode_route(x, w, b, emulate) and _prepackable(w, emulate)
-               for w, b in zip(weights, biases)):
+    decode = all(_decode_route(x, w, b, emulate) for w, b in zip(weights, biases))
+    if decode:
+        out = _skinny(x, weights, biases, emulate)
+        if out is not None:
+            return out
+    if not (decode and all(_prepackable(w, emulate) for w in weights)):
         return [layer(x) for layer in layers]
     packed, bias = _stacked_weight(weights, biases, x.numel() // x.shape[-1], emulate)
     sizes = [w.shape[0] for w in weights]

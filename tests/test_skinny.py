@@ -1,0 +1,226 @@
+"""The decode kernel (qwenlite.model.skinny): its arithmetic, when decode steps use it, and how it
+falls back where it cannot be built."""
+
+from __future__ import annotations
+
+import subprocess
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenlite.model import kernels, skinny
+from qwenlite.model.config import QwenConfig
+from qwenlite.model.loading import init_random
+
+BF16 = torch.bfloat16
+
+
+@pytest.fixture
+def kernel():
+    """Skip where the kernel cannot be built here (it says why)."""
+    fn, why = skinny._load()
+    if fn is None:
+        pytest.skip(f"no decode kernel here: {why}")
+
+
+@pytest.fixture
+def mode():
+    yield kernels.set_bf16_matmul
+    kernels.set_bf16_matmul(None)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls that reach the kernel."""
+    seen = []
+    real = skinny.linears
+
+    def spy(x, weights, *args):
+        seen.append(len(weights))
+        return real(x, weights, *args)
+    monkeypatch.setattr(skinny, "linears", spy)
+    return seen
+
+
+def _reference(x, w, b):
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 17, skinny.MAX_ROWS])
+@pytest.mark.parametrize("k", [8, 37, 1030])  # K ≤ 1024 and above, with and without a tail
+def test_kernel_computes_linear(kernel, dtype, rows, k):
+    """Several weights sharing an input, of widths that leave tails to every tile shape, with and
+    without biases, from an input whose rows are strided: in fp32 the values of F.linear; in bf16
+    the bf16 rounding of the exact fp32 result, but for the order of the sums."""
+    gen = torch.Generator().manual_seed(rows * 1000 + k)
+    x = torch.randn(rows, k + 5, generator=gen).to(dtype)[:, 2:k + 2]  # row stride k + 5
+    widths = (7, 16, 1)
+    ws = [torch.randn(n, k, generator=gen).to(dtype) for n in widths]
+    bs = [torch.randn(n, generator=gen).to(dtype) if i != 1 else None
+          for i, n in enumerate(widths)]
+    outs = skinny.linears(x, ws, bs, dtype)
+    for out, w, b in zip(outs, ws, bs):
+        ref = _reference(x, w, b)
+        assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+        if dtype == torch.float32:
+            torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        else:
+            exact = ref.to(BF16)  # the fp32 sums can round to a neighbour of the exact result
+            assert (out.float() - exact.float()).abs().max() <= 2 ** -7 * ref.abs().max()
+            assert (out == exact).float().mean() > 0.9
+
+
+def test_kernel_refuses_what_it_does_not_take(kernel):
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="at most"):
+        skinny.linears(torch.randn(skinny.MAX_ROWS + 1, 8), [w], [None], torch.float32)
+    with pytest.raises(ValueError, match="1-8 weights"):
+        skinny.linears(torch.randn(2, 8), [w] * 9, [None] * 9, torch.float32)
+    with pytest.raises(ValueError, match="unit stride"):
+        skinny.linears(torch.randn(8, 2).T, [w], [None], torch.float32)
+
+
+def _frozen(dtype, out_features=(24, 8, 8), biases=(True, True, False), seed=3):
+    torch.manual_seed(seed)
+    return [kernels.Linear(32, n, bias=b).to(dtype).requires_grad_(False)
+            for n, b in zip(out_features, biases)]
+
+
+def test_bf16_decode_steps_read_weights_in_place(kernel, mode, calls):
+    """An emulated bf16 decode step runs through the kernel over the bf16 weights themselves: the
+    results of the emulated matmul, no fp32 or prepacked copy made, one call for q/k/v, and an
+    in-place change of a weight (a LoRA merge) seen at once."""
+    mode("emulate")
+    layers = _frozen(BF16)
+    x = torch.randn(4, 1, 32).to(BF16)
+    with torch.no_grad():
+        got = kernels.linears(x, layers)
+        single = layers[0](x)
+    assert calls == [3, 1]
+    for layer, g in zip(layers, got):
+        assert layer.weight not in kernels._packed and layer.weight not in kernels._cache
+        b = None if layer.bias is None else layer.bias.float()
+        expected = F.linear(x.float(), layer.weight.float(), b).to(BF16)
+        assert g.dtype == BF16 and g.shape == expected.shape
+        assert (g.float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max()
+    assert torch.equal(single, got[0])
+    assert layers[0].weight not in kernels._stacked
+    with torch.no_grad():
+        layers[0].weight.add_(1.0)
+        after = layers[0](x)
+    assert not torch.equal(after, single)
+
+
+def test_fp32_decode_steps_use_the_kernel(kernel, calls):
+    layer = _frozen(torch.float32)[0]
+    x = torch.randn(5, 1, 32)
+    with torch.no_grad():
+        out = layer(x)
+    assert calls == [1] and layer.weight not in kernels._packed
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_steps_aside(kernel, mode, calls, monkeypatch):
+    """Whatever an opaque call would hide or does not fit runs through torch: dispatch modes (a
+    FLOPS counter), more than MAX_ROWS rows, autograd, an fp32 model under bf16 autocast, a CPU
+    that runs bf16 natively, and the kernel turned off."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layers = _frozen(torch.float32)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        with FlopCounterMode(display=False):
+            kernels.linears(x, layers)
+        layers[0](torch.randn(skinny.MAX_ROWS + 1, 32))
+        with torch.autocast("cpu", dtype=BF16):
+            mode("emulate")
+            layers[0](x)
+        mode("native")
+        bf16 = _frozen(BF16)[0]
+        bf16(x.to(BF16))
+        monkeypatch.setenv(skinny.ENV, "0")
+        layers[0](x)
+    layers[0](x.requires_grad_(True)).sum().backward()
+    assert calls == []
+    monkeypatch.delenv(skinny.ENV)
+    with torch.no_grad():
+        layers[0](x)
+    assert calls == [1]
+
+
+def test_decode_steps_match_without_the_kernel(kernel, mode, monkeypatch):
+    """A tiny model's prefill and decode steps with the kernel and without it (oneDNN): fp32
+    logits equal to rounding and the same greedy tokens; bf16 logits within a few roundings."""
+    mode("emulate")
+    cfg = QwenConfig.from_name("tiny")
+    ids = torch.randint(0, cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
+
+    def run(dtype, on):
+        monkeypatch.setenv(skinny.ENV, "1" if on else "0")
+        kernels.clear_packed_weights()
+        model = init_random(cfg, seed=4).to(dtype).requires_grad_(False)
+        cache = model.new_cache(3, 9)
+        with torch.inference_mode():
+            steps = [model(ids[:, :5], cache=cache, logits_to_keep=1)]
+            for t in range(5, 9):
+                steps.append(model(ids[:, t:t + 1], cache=cache, cache_start=t))
+        return torch.cat(steps, dim=1).float()
+
+    on, off = run(torch.float32, True), run(torch.float32, False)
+    torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-5)
+    assert torch.equal(on.argmax(-1), off.argmax(-1))
+    on, off = run(BF16, True), run(BF16, False)
+    assert (on - off).abs().max() <= 8 * 2 ** -7 * off.abs().max()
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty kernel cache and no loaded kernel; the real one is loaded again afterwards."""
+    monkeypatch.setenv("QWENLITE_CACHE", str(tmp_path))
+    skinny._load.cache_clear()
+    monkeypatch.setattr(skinny, "_warned", set())
+    yield tmp_path
+    skinny._load.cache_clear()
+
+
+def test_a_failed_build_falls_back_with_one_warning(fresh_build, mode, monkeypatch):
+    """No working compiler: one warning that says why, then decode steps run through oneDNN with
+    the same results; status() says it too."""
+    monkeypatch.setattr(skinny, "_unsupported", lambda: None)
+    monkeypatch.setattr(skinny, "_compiler", lambda: "/bin/false")
+    mode("emulate")
+    layer = _frozen(BF16)[0]
+    x = torch.randn(2, 32).to(BF16)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="decode kernel is off .*false failed"):
+        out = layer(x)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(layer(x), out)
+    assert skinny.status().startswith("decode kernel off: false failed")
+    expected = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(BF16)
+    assert (out.float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max()
+    monkeypatch.setattr(skinny, "_compiler", lambda: None)
+    skinny._load.cache_clear()
+    assert "no C++ compiler" in skinny.status()
+    monkeypatch.setattr(skinny, "_unsupported", lambda: "the CPU lacks avx2")
+    skinny._load.cache_clear()
+    assert skinny.status() == "decode kernel off: the CPU lacks avx2"
+
+
+def test_the_build_is_cached_per_source(kernel, fresh_build, monkeypatch):
+    """Built once into $QWENLITE_CACHE/kernels under a name that follows the source and the
+    compiler; a second process-wide load reuses it without compiling."""
+    compiler = skinny._compiler()
+    path = skinny._build(compiler)
+    assert path.parent == fresh_build / "kernels" and path.exists()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+    monkeypatch.setattr(subprocess, "run", no_compiling)
+    assert skinny._build(compiler) == path
+    assert skinny.enabled()
