@@ -2,8 +2,9 @@
 
     python benchmarks/bench_cpu_measures.py decode-matmuls [--rows 8]
         All of a Qwen2.5-0.5B decode step's matmuls (24 layers' seven projections and the LM head,
-        random weights of the real shapes, cold cache) for a few rows: x·Wᵀ, W·xᵀ and oneDNN with
-        prepacked weights (what ``qwenlite.model.kernels`` uses for decode steps).
+        random weights of the real shapes, cold cache) for a few rows: x·Wᵀ, W·xᵀ, oneDNN with
+        prepacked weights (``qwenlite.model.kernels``' decode path where the decode kernel is not
+        built) and the decode kernel (``qwenlite.model.skinny``) over fp32 and over bf16 weights.
     QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py prefill [--prompts 8]
             [--prompt-steps 80] [--dtype fp32]
         Prefill of LLMTIME prompts (8 of 800-867 tokens by default): one padded, masked batch
@@ -17,11 +18,13 @@
         time as the number of rows grows (48 distinct 4864×896 weights, cold cache).
     QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py decode-step [--dtype bf16]
             [--rows 8] [--cached 250] [--repeats 15]
-        The model's decode step with each of three choices turned off in turn, in alternating
-        rounds: q/k/v and gate/up stacked into one prepacked matmul each
-        (``qwenlite.model.kernels.linears``), decode attention as one SDPA over each KV head's
-        stacked query heads (``kernels._decode_attention``), and for an emulated bf16 model a
-        KV cache that holds its bf16 values in fp32 (``KVCache(widen_bf16=True)``).
+        The model's decode step with each of its choices turned off in turn, in alternating
+        rounds: the decode kernel (``qwenlite.model.skinny``; off, the matmuls run through
+        oneDNN's prepacked weights), q/k/v and gate/up as one call each
+        (``qwenlite.model.kernels.linears``: one kernel call, or one matmul over stacked prepacked
+        weights), decode attention as one SDPA over each KV head's stacked query heads
+        (``kernels._decode_attention``), and for an emulated bf16 model a KV cache that holds its
+        bf16 values in fp32 (``KVCache(widen_bf16=True)``).
     python benchmarks/bench_cpu_measures.py decode-attention [--rows 8] [--cached 900]
         One decode step's attention over 24 layers' KV caches (14 query heads over 2 KV heads,
         left-padding mask): torch's SDPA with GQA against ``qwenlite.model.kernels.
@@ -65,6 +68,16 @@ def decode_matmuls(rows: int, repeats: int) -> None:
     }
     x = torch.randn(rows, 896)
     err = (ways["oneDNN prepacked"](x, 4) - F.linear(x, weights[4])).abs().max().item()
+    from qwenlite.model import skinny
+
+    if skinny.enabled() and rows <= skinny.MAX_ROWS:
+        halves = [w.to(torch.bfloat16) for w in weights]
+        ways["decode kernel fp32"] = lambda x, i: skinny.linears(x, [weights[i]], [None],
+                                                                  torch.float32)
+        ways["decode kernel bf16"] = lambda x, i: skinny.linears(
+            x.to(torch.bfloat16), [halves[i]], [None], torch.bfloat16)
+    else:
+        print(f"({skinny.status()})")
     best: dict[str, dict[str, float]] = {}
     for _ in range(repeats):
         for way, fn in ways.items():
@@ -80,7 +93,7 @@ def decode_matmuls(rows: int, repeats: int) -> None:
           f"best of {repeats}; prepacked vs x·Wᵀ max |diff| {err:.1e}")
     for way, times in best.items():
         parts = " ".join(f"{k} {1e3 * v:.1f}" for k, v in times.items())
-        print(f"  {way:17s} total {1e3 * sum(times.values()):6.1f} ms  ({parts})")
+        print(f"  {way:18s} total {1e3 * sum(times.values()):6.1f} ms  ({parts})")
     per_matrix = sum(min(best[w][k] for w in ("x·Wᵀ", "W·xᵀ")) for k in best["x·Wᵀ"])
     print(f"  best BLAS layout per matrix: {1e3 * per_matrix:.1f} ms")
 
@@ -135,7 +148,7 @@ def _two_matmul_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=F
 def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> None:
     import statistics
 
-    from qwenlite.model import kernels, load_model
+    from qwenlite.model import kernels, load_model, skinny
     from qwenlite.model.attention import KVCache
 
     model = load_model(weights, dtype=dtype)
@@ -152,16 +165,23 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
 
     def one_by_one(x, layers):
         return [layer(x) for layer in layers]
-    # (stacked projections, SDPA over stacked query heads, widened bf16 cache)
-    ways = {"all three (qwenlite)": (True, True, True),
-            "projections one by one": (False, True, True),
-            "attention as two matmuls": (True, False, True),
-            "none of the three": (False, False, False)}
+    # (decode kernel, projections sharing an input in one call, SDPA over stacked query heads,
+    # widened bf16 cache)
+    ways = {"all (qwenlite)": (True, True, True, True),
+            "decode kernel off (oneDNN)": (False, True, True, True),
+            "projections one by one": (True, False, True, True),
+            "attention as two matmuls": (True, True, False, True),
+            "none of them": (False, False, False, False)}
     if model.dtype == torch.bfloat16 and kernels.bf16_matmul_mode() == "emulate":
-        ways["bf16 cache not widened"] = (True, True, False)
+        ways["bf16 cache not widened"] = (True, True, True, False)
+    if not skinny.enabled():
+        print(f"({skinny.status()}: its ways are left out)")
+        ways = {way: flags for way, flags in ways.items() if not flags[0]}
     position = [cached]
+    env = os.environ.get(skinny.ENV)
 
-    def step(stack, attend, widen):
+    def step(kernel, stack, attend, widen):
+        os.environ[skinny.ENV] = "1" if kernel else "0"
         kernels.linears = stacked if stack else one_by_one
         kernels._decode_attention = sdpa if attend else _two_matmul_attention
         t = position[0]
@@ -185,6 +205,10 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
                 times[way].append(step(*flags))
     finally:
         kernels.linears, kernels._decode_attention = stacked, sdpa
+        if env is None:
+            os.environ.pop(skinny.ENV, None)
+        else:
+            os.environ[skinny.ENV] = env
     for way, ts in times.items():
         print(f"  {way:26s} median {1e3 * statistics.median(ts):6.1f} ms  "
               f"best {1e3 * min(ts):6.1f} ms")

@@ -168,14 +168,17 @@ def main() -> None:
     fwd_ids = torch.randint(0, 151000, (args.forward_batch, args.forward_seq), generator=gen)
     from qwenlite.model.memory import keep_freed_memory
 
+    from qwenlite.model import skinny
+
     malloc = "keep freed memory" if keep_freed_memory() else "system"
-    print(f"checkpoint {weights}; {machine()}; malloc ({malloc}) shared by both implementations")
+    print(f"checkpoint {weights}; {machine()}; malloc ({malloc}) shared by both implementations; "
+          f"qwenlite's {skinny.status()}")
     print(f"generation: {len(prompts)} prompts of {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens, {args.new_tokens} new tokens, greedy; "
           f"forward: {args.forward_batch}x{args.forward_seq}; best of {args.repeats} "
           "alternating rounds after a warm-up")
     results = {"machine": machine(), "weights": str(weights), "args": vars(args),
-               "malloc": malloc, "runs": {}}
+               "malloc": malloc, "decode_kernel": skinny.status(), "runs": {}}
     rows = []
     for name in args.dtypes:
         dtype = DTYPES[name]
