@@ -28,10 +28,11 @@
     python benchmarks/bench_cpu_measures.py decode-attention [--rows 8] [--cached 900]
         One decode step's attention over 24 layers' KV caches (14 query heads over 2 KV heads,
         left-padding mask): torch's SDPA with GQA against ``qwenlite.model.kernels.
-        _decode_attention`` (one SDPA over each KV head's stacked query heads) and against two
-        batched matmuls (qwenlite's way before), and what widening a bf16 cache to fp32 costs
-        (emulated bf16 attention on a cache kept in bf16, which qwenlite's KV cache avoids by
-        holding bf16 values in fp32).
+        _decode_attention`` (one SDPA over each KV head's stacked query heads, the way without
+        the decode kernel), two batched matmuls (qwenlite's way before) and the decode kernel
+        (``qwenlite.model.skinny.attention``) over fp32 and bf16 caches, and what widening a bf16
+        cache to fp32 costs (emulated bf16 attention through SDPA on a cache kept in bf16, which
+        qwenlite's KV cache avoids by holding bf16 values in fp32).
 """
 
 from __future__ import annotations
@@ -284,13 +285,24 @@ def decode_attention(rows: int, cached: int, repeats: int) -> None:
         "_decode_attention": lambda k, v: _decode_attention(q, k, v, attn_mask=mask),
         "two matmuls": lambda k, v: _two_matmul_attention(q, k, v, attn_mask=mask),
     }
-    k, v = caches[0][0][:, :, :cached], caches[0][1][:, :, :cached]
-    err = (ways["SDPA"](k, v) - ways["_decode_attention"](k, v)).abs().max().item()
-    print(f"{machine()}; {rows} sequences x 14 heads attending to {cached} cached tokens, "
-          f"24 layers, best of {repeats}; max |diff| {err:.1e}")
+    from qwenlite.model import skinny
+
     bf16_caches = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
+    kernel = skinny.enabled()
+    if kernel:
+        ways["decode kernel"] = lambda k, v: skinny.attention(q, k, v, mask, 64 ** -0.5)
+    k, v = caches[0][0][:, :, :cached], caches[0][1][:, :, :cached]
+    errs = {way: (ways["SDPA"](k, v) - fn(k, v)).abs().max().item()
+            for way, fn in ways.items() if way != "SDPA"}
+    print(f"{machine()}; {rows} sequences x 14 heads attending to {cached} cached tokens, "
+          f"24 layers, best of {repeats}; max |diff| from SDPA: "
+          + ", ".join(f"{way} {e:.1e}" for way, e in errs.items())
+          + ("" if kernel else f" ({skinny.status()})"))
     runs = [(way, fn, caches) for way, fn in ways.items()]
     runs.append(("widening a bf16 cache", lambda k, v: (k.float(), v.float()), bf16_caches))
+    if kernel:
+        runs.append(("decode kernel, bf16 cache",
+                     lambda k, v: skinny.attention(q, k, v, mask, 64 ** -0.5), bf16_caches))
     with torch.inference_mode():
         for way, fn, store in runs:
             best = float("inf")
@@ -299,7 +311,7 @@ def decode_attention(rows: int, cached: int, repeats: int) -> None:
                 for kc, vc in store:
                     fn(kc[:, :, :cached], vc[:, :, :cached])  # cache views, as in the model
                 best = min(best, time.perf_counter() - t0)
-            print(f"  {way:22s} {1e3 * best:6.1f} ms per step")
+            print(f"  {way:26s} {1e3 * best:6.1f} ms per step")
 
 
 def main() -> None:

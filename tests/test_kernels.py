@@ -416,9 +416,10 @@ def test_stacking_steps_aside(monkeypatch, onednn_decode):
     assert not stacks(torch.randn(2, 24), layers)
 
 
-def test_widened_cache_decodes_exactly_as_a_bf16_cache(mode):
-    """A bf16 model emulated on the fp32 units keeps its KV cache in fp32 holding the same bf16
-    values: every decode step's logits are bit for bit those of a cache kept in bf16."""
+def test_widened_cache_decodes_exactly_as_a_bf16_cache(mode, onednn_decode):
+    """A bf16 model emulated on the fp32 units without the decode kernel keeps its KV cache in
+    fp32 holding the same bf16 values: every decode step's logits are bit for bit those of a
+    cache kept in bf16."""
     from qwenlite.model.attention import KVCache
 
     mode("emulate")

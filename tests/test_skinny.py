@@ -9,7 +9,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from qwenlite.model import kernels, skinny
 from qwenlite.model.config import QwenConfig
@@ -224,3 +223,103 @@ def test_the_build_is_cached_per_source(kernel, fresh_build, monkeypatch):
     monkeypatch.setattr(subprocess, "run", no_compiling)
     assert skinny._build(compiler) == path
     assert skinny.enabled()
+
+
+def _sdpa(q, k, v, mask):
+    groups = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(
+        q.double(), k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1),
+        attn_mask=mask)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("groups, d, t", [(7, 64, 300), (1, 8, 1), (3, 16, 13), (8, 24, 2)])
+def test_attention_kernel_equals_sdpa(kernel, kv_dtype, groups, d, t):
+    """One query per sequence and head over cache views (strided, as a KVCache hands them out):
+    torch's SDPA in fp32, with no mask, a per-sequence mask (one sequence fully masked: zeros,
+    as SDPA gives) and a mask broadcast over the batch."""
+    gen = torch.Generator().manual_seed(groups * 100 + t)
+    b, kv = 3, 2
+    k = torch.randn(b, kv, t + 4, d, generator=gen).to(kv_dtype)[:, :, :t]
+    v = torch.randn(b, kv, t + 4, d, generator=gen).to(kv_dtype)[:, :, :t]
+    q = torch.randn(b, 1, kv * groups, d, generator=gen).transpose(1, 2)  # strided, as from RoPE
+    per_sequence = torch.rand(b, 1, 1, t, generator=gen) > 0.4
+    per_sequence[1] = False
+    for mask in (None, per_sequence, torch.rand(1, 1, 1, t, generator=gen) > 0.5):
+        out = skinny.attention(q, k, v, mask, d ** -0.5)
+        assert out.shape == (b, kv * groups, 1, d) and out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), _sdpa(q, k, v, mask), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_kernel_declines_what_it_does_not_take(kernel):
+    q = torch.randn(1, 9, 1, 8)
+    k = v = torch.randn(1, 1, 5, 8)
+    assert skinny.attention(q, k, v, None, 1.0) is None  # 9 query heads per KV head
+    assert skinny.attention(q[:, :4], k, v.clone()[..., :8].contiguous(), None, 1.0) is not None
+    assert skinny.attention(q[:, :4], k, v.to(BF16), None, 1.0) is None  # k and v differ
+
+
+def test_decode_attention_uses_the_kernel(kernel, mode, monkeypatch):
+    """kernels.attention sends a decode step to the kernel (emulated bf16 over a bf16 or a
+    widened cache, fp32); an additive mask, autograd, a dispatch mode, native bf16 and the kernel
+    turned off go to torch's SDPA."""
+    seen = []
+    real = skinny.attention
+    monkeypatch.setattr(skinny, "attention", lambda *a: seen.append(1) or real(*a))
+    torch.manual_seed(2)
+    q = torch.randn(2, 4, 1, 16)
+    k, v = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    mask = torch.rand(2, 1, 1, 9) > 0.3
+    kw = dict(attn_mask=mask, enable_gqa=True)
+    mode("emulate")
+    with torch.no_grad():
+        got = kernels.attention(q.to(BF16), k.to(BF16), v.to(BF16), **kw)
+        wide = kernels.attention(q.to(BF16), k.to(BF16).float(), v.to(BF16).float(),
+                                 kv_bf16=True, **kw)
+        fp32 = kernels.attention(q, k, v, **kw)
+    assert len(seen) == 3 and got.dtype == BF16 and torch.equal(got, wide)
+    expected = _sdpa(q.to(BF16).float(), k.to(BF16).float(), v.to(BF16).float(), mask)
+    assert (got.double() - expected).abs().max() <= 2 ** -7 * expected.abs().max()
+    torch.testing.assert_close(fp32.double(), _sdpa(q, k, v, mask), rtol=1e-5, atol=1e-6)
+    additive = torch.zeros(2, 1, 1, 9).masked_fill(~mask, float("-inf"))
+    with torch.no_grad():
+        kernels.attention(q, k, v, attn_mask=additive, enable_gqa=True)
+        with _Recorder():
+            kernels.attention(q, k, v, **kw)
+        mode("native")
+        kernels.attention(q.to(BF16), k.to(BF16), v.to(BF16), **kw)
+        mode("emulate")
+        monkeypatch.setenv(skinny.ENV, "0")
+        kernels.attention(q, k, v, **kw)
+    monkeypatch.delenv(skinny.ENV)
+    kernels.attention(q.requires_grad_(True), k, v, **kw)
+    assert len(seen) == 3
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_bf16_model_keeps_its_cache_in_bf16_with_the_kernel(kernel, mode, monkeypatch):
+    """With the kernel the emulated bf16 model's KV cache stays bf16 (half the memory of a widened
+    one) and its decode steps give the logits of a widened cache without the kernel, within a
+    few bf16 roundings."""
+    mode("emulate")
+    cfg = QwenConfig.from_name("tiny")
+    model = init_random(cfg, seed=5).to(BF16).requires_grad_(False)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
+
+    def steps():
+        cache = model.new_cache(2, 8)
+        with torch.inference_mode():
+            out = [model(ids[:, :5], cache=cache, logits_to_keep=1)]
+            out += [model(ids[:, t:t + 1], cache=cache, cache_start=t) for t in range(5, 8)]
+        return cache, torch.cat(out, 1).float()
+
+    cache, on = steps()
+    assert not cache.holds_bf16 and cache.k.dtype == BF16
+    monkeypatch.setenv(skinny.ENV, "0")
+    cache, off = steps()
+    assert cache.holds_bf16 and cache.k.dtype == torch.float32
+    assert (on - off).abs().max() <= 8 * 2 ** -7 * off.abs().max()

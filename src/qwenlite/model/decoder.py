@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwenlite.model import kernels
+from qwenlite.model import kernels, skinny
 from qwenlite.model.attention import Attention, KVCache
 from qwenlite.model.config import QwenConfig
 from qwenlite.model.counting import EXP, LOG, FlopCount, linear_flops
@@ -170,14 +170,16 @@ class QwenForCausalLM(nn.Module):
         """A zeroed KV cache for ``batch`` sequences of up to ``max_len`` tokens.
 
         A bf16 model whose matmuls are emulated on the fp32 units (:mod:`kernels`) keeps its keys
-        and values in fp32 (the same bf16 values, twice the memory), so that attention reads them
-        as they are instead of widening the whole cache at every decode step: on a 2-core Zen 3
-        that widening takes 5.1–7.6 ms of a step at 8 sequences × 900 cached tokens and 1.8–2.5 ms
-        at 250 (``python benchmarks/bench_cpu_measures.py decode-attention``); at 250–440 tokens the
-        model's whole step measured the same either way, within noise."""
+        and values in bf16 where the decode kernel (:mod:`skinny`) runs its attention, which reads
+        them as they are: for 8 sequences × 900 cached tokens, 24 layers took 12.0 ms so against
+        16.9 ms over an fp32 cache (``python benchmarks/bench_cpu_measures.py
+        decode-attention``). Without the kernel it keeps them in fp32 (the same bf16 values, twice
+        the memory), so that SDPA reads them as they are instead of widening the whole cache at
+        every decode step: that widening took 5.1–7.6 ms of a step at 8 × 900 tokens and
+        1.8–2.5 ms at 250 (same benchmark)."""
         c = self.config
         widen = (self.dtype == torch.bfloat16 and self.device.type == "cpu"
-                 and kernels.bf16_matmul_mode() == "emulate")
+                 and kernels.bf16_matmul_mode() == "emulate" and not skinny.enabled())
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
                        self.dtype, self.device, widen_bf16=widen)
 

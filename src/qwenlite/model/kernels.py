@@ -264,17 +264,12 @@ def _skinny(x: torch.Tensor, weights: Sequence[torch.Tensor],
     bf16 autocast, a CPU that runs bf16 natively), or something watching ops — a dispatch mode
     such as a FLOPS counter, a tensor subclass, compilation — that an opaque call would dodge."""
     rows = x.numel() // x.shape[-1]
-    if (rows > skinny.MAX_ROWS or type(x) is not torch.Tensor
-            or torch._C._len_torch_dispatch_stack() or torch.compiler.is_compiling()):
-        return None
     dtype = torch.bfloat16 if emulate else torch.float32
-    if not emulate and x.dtype != dtype:
+    if rows > skinny.MAX_ROWS or (not emulate and x.dtype != dtype):
         return None
-    for t in (*weights, *biases):
-        if t is not None and (t.dtype != dtype or type(t) not in (torch.Tensor, nn.Parameter)
-                              or not t.is_contiguous() or t.device.type != "cpu"):
-            return None
-    if not skinny.enabled():
+    tensors = [t for t in (*weights, *biases) if t is not None]
+    if (any(t.dtype != dtype or not t.is_contiguous() for t in tensors)
+            or not _plain(x, *tensors) or not skinny.enabled()):
         return None
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     if x2.stride(-1) != 1:
@@ -427,6 +422,37 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.reshape(b, h, 1, d)
 
 
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Whether an opaque kernel may compute on these tensors: plain CPU tensors, no dispatch mode
+    (a FLOPS counter, a fake-tensor tracer) and no compilation that would not see it."""
+    return (not torch._C._len_torch_dispatch_stack() and not torch.compiler.is_compiling()
+            and all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu"
+                    for t in tensors))
+
+
+def _attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, emulate: bool,
+                      attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                      scale: float | None = None, **_) -> torch.Tensor | None:
+    """A decode step's attention through :mod:`skinny`'s kernel, or None where it does not serve
+    (it is off or not built here, an additive mask, a CPU that runs bf16 natively, a dispatch
+    mode watching). An emulated bf16 model's query is rounded to bf16 and its output too; keys
+    and values are read as they are, fp32 or bf16."""
+    if is_causal or (attn_mask is not None and attn_mask.dtype != torch.bool):
+        return None
+    if emulate:
+        if k.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        q = q.to(torch.bfloat16).float()
+    elif not q.dtype == k.dtype == torch.float32:
+        return None
+    if not _plain(q, k, v) or not skinny.enabled():
+        return None
+    out = skinny.attention(q, k, v, attn_mask, q.shape[-1] ** -0.5 if scale is None else scale)
+    if out is None or not emulate:
+        return out
+    return out.to(torch.bfloat16)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bf16: bool = False,
               **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention``; bf16 inputs are computed in fp32 where
@@ -444,6 +470,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bf16: bool =
         k, v = k.to(q.dtype), v.to(q.dtype)
     decode = (q.device.type == "cpu" and q.shape[-2] == 1 and q.shape[1] % k.shape[1] == 0
               and not _autograd(q, k, v))
+    if decode:
+        out = _attention_kernel(q, k, v, emulate, **kwargs)
+        if out is not None:
+            return out
     if not emulate and not decode:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     op = _decode_attention if decode else F.scaled_dot_product_attention

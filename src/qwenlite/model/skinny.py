@@ -95,19 +95,47 @@ def _build(compiler: str) -> Path:
     return target
 
 
-def _bind(path: Path):
-    fn = ctypes.CDLL(str(path)).qwenlite_skinny_linears
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, ctypes.c_int, i64, i64, ctypes.c_int, p, p, p, ctypes.c_int, p,
-                   ctypes.c_int, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+class _Kernels:
+    """The library's two entry points, typed."""
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self.linears = lib.qwenlite_skinny_linears
+        self.linears.argtypes = [p, i64, i32, i64, i64, i32, p, p, p, i32, p, i32, i32]
+        self.linears.restype = i32
+        self.attention = lib.qwenlite_decode_attention
+        self.attention.argtypes = [p, i64, i64, p, p, i32, i64, i64, i64, p, i64, i64, p, i64,
+                                   i64, i64, i64, i64, ctypes.c_float, i32]
+        self.attention.restype = i32
 
 
-def _self_check(fn) -> bool:
-    """The kernel against float64 ``F.linear`` for every row count a tile has, a K that is not a
-    multiple of 8 on both of its paths (K ≤ 1024 and above), column counts that leave tails, bf16
-    and fp32, with and without biases."""
+def _self_check(lib: _Kernels) -> bool:
+    """The kernels against float64 references: the matmuls for every row count a tile has, a K
+    that is not a multiple of 8 on both of their paths (K ≤ 1024 and above), column counts that
+    leave tails, bf16 and fp32, with and without biases; attention over fp32 and bf16 keys, with
+    and without a mask."""
+    return _linears_check(lib.linears) and _attention_check(lib)
+
+
+def _attention_check(lib: _Kernels) -> bool:
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 6, 1, 16, generator=gen)
+    for kv_dtype in (torch.float32, torch.bfloat16):
+        k = torch.randn(3, 2, 21, 16, generator=gen).to(kv_dtype)
+        v = torch.randn(3, 2, 21, 16, generator=gen).to(kv_dtype)
+        mask = torch.rand(3, 1, 1, 21, generator=gen) > 0.3
+        for m in (None, mask):
+            out = _attention_call(lib, q, k, v, m, 16 ** -0.5)
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q.double(), k.double().repeat_interleave(3, 1), v.double().repeat_interleave(3, 1),
+                attn_mask=m)
+            if out is None or not torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5):
+                return False
+    return True
+
+
+def _linears_check(fn) -> bool:
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float32):
         for rows, k, ns in ((1, 20, (3,)), (5, 64, (17, 8)), (8, 36, (9, 1, 24)),
@@ -128,7 +156,7 @@ def _self_check(fn) -> bool:
 
 @functools.cache
 def _load():
-    """(the kernel's function, None) or (None, why not)."""
+    """(the kernels, None) or (None, why not)."""
     why = _unsupported()
     if why:
         return None, why
@@ -136,12 +164,12 @@ def _load():
     if compiler is None:
         return None, "no C++ compiler found (set $CXX)"
     try:
-        fn = _bind(_build(compiler))
+        lib = _Kernels(_build(compiler))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, str(e).splitlines()[0] if str(e) else type(e).__name__
-    if not _self_check(fn):
-        return None, "it failed its check against F.linear"
-    return fn, None
+    if not _self_check(lib):
+        return None, "it failed its check against torch"
+    return lib, None
 
 
 def enabled() -> bool:
@@ -149,20 +177,20 @@ def enabled() -> bool:
     here (built on the first call; a warning says why where it cannot be)."""
     if os.environ.get(ENV, "1").strip() == "0":
         return False
-    fn, why = _load()
-    if fn is None and why not in _warned:
+    lib, why = _load()
+    if lib is None and why not in _warned:
         _warned.add(why)
         warnings.warn(f"qwenlite: the decode kernel is off ({why}); decode steps run through "
                       f"oneDNN, slower. {ENV}=0 silences this.", RuntimeWarning, stacklevel=3)
-    return fn is not None
+    return lib is not None
 
 
 def status() -> str:
     """One line for logs and benchmarks: whether decode steps use the kernel, and if not why."""
     if os.environ.get(ENV, "1").strip() == "0":
         return f"decode kernel off (${ENV}=0)"
-    fn, why = _load()
-    return "decode kernel on (AVX2 C++)" if fn is not None else f"decode kernel off: {why}"
+    lib, why = _load()
+    return "decode kernel on (AVX2 C++)" if lib is not None else f"decode kernel off: {why}"
 
 
 def linears(x: torch.Tensor, weights: Sequence[torch.Tensor],
@@ -171,8 +199,37 @@ def linears(x: torch.Tensor, weights: Sequence[torch.Tensor],
     most :data:`MAX_ROWS` rows (bf16 or fp32, unit stride along its last dimension) and
     contiguous weights that all have one dtype, bf16 or fp32 (biases too), through the kernel;
     :func:`enabled` must be true."""
-    fn, _ = _load()
-    return _call(fn, x, weights, biases, out_dtype)
+    lib, _ = _load()
+    return _call(lib.linears, x, weights, biases, out_dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor | None:
+    """One decode step's grouped-query attention through the kernel, in fp32: q (b, h, 1, d)
+    fp32, k and v (b, kv, T, d) fp32 or bf16 with the same strides (views of a KV cache), ``mask``
+    None or a bool "may attend" mask broadcastable to (b, 1, 1, T); rows with nothing to attend
+    to come out as zeros, as from torch's SDPA. None for what the kernel does not take (h / kv
+    above 8, d not a multiple of 8 or above 256); :func:`enabled` must be true."""
+    lib, _ = _load()
+    return _attention_call(lib, q, k, v, mask, scale)
+
+
+def _attention_call(lib, q, k, v, mask, scale):
+    b, h, _, d = q.shape
+    kv, t = k.shape[1], k.shape[2]
+    if (k.stride() != v.stride() or k.dtype != v.dtype or q.dtype != torch.float32
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or h % kv or not 1 <= h // kv <= 8):
+        return None
+    m_b = m_t = 0
+    if mask is not None:
+        mask = mask.expand(b, 1, 1, t)
+        m_b, m_t = mask.stride(0), mask.stride(3)
+    out = torch.empty(b, h, d)
+    rc = lib.attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
+                       k.dtype == torch.bfloat16, k.stride(0), k.stride(1), k.stride(2),
+                       None if mask is None else mask.data_ptr(), m_b, m_t, out.data_ptr(),
+                       b, h, kv, t, d, scale, torch.get_num_threads())
+    return out.view(b, h, 1, d) if rc == 0 else None
 
 
 def _call(fn, x, weights, biases, out_dtype):
