@@ -20,11 +20,12 @@
             [--rows 8] [--cached 250] [--repeats 15]
         The model's decode step with each of its choices turned off in turn, in alternating
         rounds: the decode kernel (``qwenlite.model.skinny``; off, the matmuls run through
-        oneDNN's prepacked weights), q/k/v and gate/up as one call each
-        (``qwenlite.model.kernels.linears``: one kernel call, or one matmul over stacked prepacked
-        weights), decode attention as one SDPA over each KV head's stacked query heads
-        (``kernels._decode_attention``), and for an emulated bf16 model a KV cache that holds its
-        bf16 values in fp32 (``KVCache(widen_bf16=True)``).
+        oneDNN's prepacked weights and attention through SDPA), its attention alone, q/k/v and
+        gate/up as one call each (``qwenlite.model.kernels.linears``: one kernel call, or one
+        matmul over stacked prepacked weights), SDPA over each KV head's stacked query heads
+        (``kernels._decode_attention``, else two matmuls), and for an emulated bf16 model the KV
+        cache qwenlite keeps (bf16 with the kernel; fp32 holding bf16 values without it,
+        ``KVCache(widen_bf16=True)``).
     python benchmarks/bench_cpu_measures.py decode-attention [--rows 8] [--cached 900]
         One decode step's attention over 24 layers' KV caches (14 query heads over 2 KV heads,
         left-padding mask): torch's SDPA with GQA against ``qwenlite.model.kernels.
@@ -163,26 +164,31 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
         caches[widen].v.normal_(generator=gen)
     tokens = torch.randint(100, 5000, (rows, 1), generator=gen)
     stacked, sdpa = kernels.linears, kernels._decode_attention
+    kernel_attention = kernels._attention_kernel
 
     def one_by_one(x, layers):
         return [layer(x) for layer in layers]
-    # (decode kernel, projections sharing an input in one call, SDPA over stacked query heads,
-    # widened bf16 cache)
-    ways = {"all (qwenlite)": (True, True, True, True),
-            "decode kernel off (oneDNN)": (False, True, True, True),
-            "projections one by one": (True, False, True, True),
-            "attention as two matmuls": (True, True, False, True),
-            "none of them": (False, False, False, False)}
-    if model.dtype == torch.bfloat16 and kernels.bf16_matmul_mode() == "emulate":
-        ways["bf16 cache not widened"] = (True, True, True, False)
+    # (decode kernel, its attention, projections sharing an input in one call, SDPA over stacked
+    # query heads (else two matmuls), a bf16 cache widened to fp32)
+    bf16 = model.dtype == torch.bfloat16 and kernels.bf16_matmul_mode() == "emulate"
+    ways = {"all (qwenlite)": (True, True, True, True, False),
+            "kernel's attention off (SDPA)": (True, False, True, True, False),
+            "projections one by one": (True, True, False, True, False),
+            "decode kernel off (oneDNN, SDPA)": (False, False, True, True, bf16),
+            "kernel off, two-matmul attention": (False, False, True, False, bf16),
+            "none of them": (False, False, False, False, False)}
+    if bf16:
+        ways["kernel over a widened cache"] = (True, True, True, True, True)
+        ways["kernel off, cache not widened"] = (False, False, True, True, False)
     if not skinny.enabled():
         print(f"({skinny.status()}: its ways are left out)")
         ways = {way: flags for way, flags in ways.items() if not flags[0]}
     position = [cached]
     env = os.environ.get(skinny.ENV)
 
-    def step(kernel, stack, attend, widen):
+    def step(kernel, attention, stack, attend, widen):
         os.environ[skinny.ENV] = "1" if kernel else "0"
+        kernels._attention_kernel = kernel_attention if attention else (lambda *a, **k: None)
         kernels.linears = stacked if stack else one_by_one
         kernels._decode_attention = sdpa if attend else _two_matmul_attention
         t = position[0]
@@ -206,6 +212,7 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
                 times[way].append(step(*flags))
     finally:
         kernels.linears, kernels._decode_attention = stacked, sdpa
+        kernels._attention_kernel = kernel_attention
         if env is None:
             os.environ.pop(skinny.ENV, None)
         else:

@@ -256,10 +256,13 @@ def test_packed_weight_is_kept_and_refreshed(mode, dtype, monkeypatch, onednn_de
         torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("decode_kernel", ["1", "0"])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
-def test_decode_attention_equals_sdpa(mask_kind):
+def test_decode_attention_equals_sdpa(mask_kind, decode_kernel, monkeypatch):
     """A decode step's attention (one query per sequence over a cache view, 4 query heads per KV
-    head) as qwenlite computes it on the CPU equals torch's SDPA."""
+    head) as qwenlite computes it on the CPU, through the decode kernel or without it, equals
+    torch's SDPA."""
+    monkeypatch.setenv(skinny.ENV, decode_kernel)
     torch.manual_seed(6)
     cache_k = torch.randn(3, 2, 20, 16)
     cache_v = torch.randn(3, 2, 20, 16)

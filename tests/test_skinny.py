@@ -73,10 +73,49 @@ def test_kernel_computes_linear(kernel, dtype, rows, k):
             assert (out == exact).float().mean() > 0.9
 
 
+def test_decode_linears_leave_odd_calls_to_torch(kernel, calls):
+    """No rows, a weight that does not fit the input (F.linear's own error), a wrong-shaped
+    bias: torch, not the kernel."""
+    layer = _frozen(torch.float32)[0]
+    with torch.no_grad():
+        assert layer(torch.randn(0, 32)).shape == (0, 24)
+        with pytest.raises(RuntimeError):
+            kernels.linear(torch.randn(2, 31), layer.weight)
+        with pytest.raises(RuntimeError):
+            kernels.linear(torch.randn(2, 32), layer.weight, torch.randn(3))
+    assert calls == []
+
+
+def test_autocast_decode_rounds_keys_as_sdpa_does(kernel, mode, monkeypatch):
+    """An fp32 model under bf16 autocast: its fp32 keys are not bf16 values, so its decode
+    attention goes to SDPA, which rounds them (a widened cache, holding bf16 values, goes to the
+    kernel)."""
+    seen = []
+    real = skinny.attention
+    monkeypatch.setattr(skinny, "attention", lambda *a: seen.append(1) or real(*a))
+    mode("emulate")
+    torch.manual_seed(4)
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        out = kernels.attention(q, k, v, enable_gqa=True)
+        assert seen == []
+        rounded = kernels.attention(q, k.to(BF16).float(), v.to(BF16).float(), kv_bf16=True,
+                                    enable_gqa=True)
+        assert seen == [1]
+    expected = _sdpa(q.to(BF16).float(), k.to(BF16).float(), v.to(BF16).float(), None)
+    for got in (out, rounded):
+        assert got.dtype == BF16
+        assert (got.double() - expected).abs().max() <= 2 ** -7 * expected.abs().max()
+
+
 def test_kernel_refuses_what_it_does_not_take(kernel):
     w = torch.randn(4, 8)
-    with pytest.raises(ValueError, match="at most"):
+    with pytest.raises(ValueError, match=f"1-{skinny.MAX_ROWS} rows"):
         skinny.linears(torch.randn(skinny.MAX_ROWS + 1, 8), [w], [None], torch.float32)
+    with pytest.raises(ValueError, match="weights of one dtype"):
+        skinny.linears(torch.randn(2, 8), [torch.randn(4, 7)], [None], torch.float32)
+    with pytest.raises(ValueError, match="weights of one dtype"):
+        skinny.linears(torch.randn(2, 8), [w], [torch.randn(3)], torch.float32)
     with pytest.raises(ValueError, match="1-8 weights"):
         skinny.linears(torch.randn(2, 8), [w] * 9, [None] * 9, torch.float32)
     with pytest.raises(ValueError, match="unit stride"):
@@ -255,8 +294,13 @@ def test_attention_kernel_declines_what_it_does_not_take(kernel):
     q = torch.randn(1, 9, 1, 8)
     k = v = torch.randn(1, 1, 5, 8)
     assert skinny.attention(q, k, v, None, 1.0) is None  # 9 query heads per KV head
-    assert skinny.attention(q[:, :4], k, v.clone()[..., :8].contiguous(), None, 1.0) is not None
+    assert skinny.attention(q[:, :4], k, v, None, 1.0) is not None
     assert skinny.attention(q[:, :4], k, v.to(BF16), None, 1.0) is None  # k and v differ
+    assert skinny.attention(q[:, :4], k, torch.randn(1, 1, 6, 8), None, 1.0) is None  # shapes
+    assert skinny.attention(q[:, :4, :, :4], k, v, None, 1.0) is None  # head size
+    assert skinny.attention(q[:, :4].double(), k, v, None, 1.0) is None  # dtype
+    per_head = torch.ones(1, 4, 1, 5, dtype=torch.bool)
+    assert skinny.attention(q[:, :4], k, v, per_head, 1.0) is None  # SDPA takes it
 
 
 def test_decode_attention_uses_the_kernel(kernel, mode, monkeypatch):
@@ -317,8 +361,12 @@ def test_a_bf16_model_keeps_its_cache_in_bf16_with_the_kernel(kernel, mode, monk
             out += [model(ids[:, t:t + 1], cache=cache, cache_start=t) for t in range(5, 8)]
         return cache, torch.cat(out, 1).float()
 
+    seen = []
+    real = skinny.attention
+    monkeypatch.setattr(skinny, "attention", lambda *a: seen.append(1) or real(*a))
     cache, on = steps()
     assert not cache.holds_bf16 and cache.k.dtype == BF16
+    assert len(seen) == 3 * cfg.num_hidden_layers  # every decode step's attention
     monkeypatch.setenv(skinny.ENV, "0")
     cache, off = steps()
     assert cache.holds_bf16 and cache.k.dtype == torch.float32

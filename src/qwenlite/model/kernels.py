@@ -14,13 +14,17 @@ model and under bf16 autocast — so a bf16 model runs at fp32 speed with bf16 r
 matmuls (prefill, training) convert per call and keep nothing.
 
 Decode steps, in fp32 and in bf16 alike, are a different problem: a few rows through every
-weight, so their speed is how fast the weights stream from memory. There a frozen parameter keeps
-a copy of its (bf16-rounded) values in fp32, reordered once into oneDNN's blocked layout, which
-streams fastest (:func:`_decode_linear`); that costs 4 more bytes per parameter while generating
-(2 on a CPU that runs bf16 natively, where the copy stays bf16). Projections that share an input
-(q/k/v, gate/up) keep one such copy of their weights stacked and run as one matmul
-(:func:`linears`). ``QWENLITE_PACK_WEIGHTS=0`` keeps plain fp32 copies instead (emulated bf16
-models; others keep none). :func:`clear_packed_weights` frees them all.
+weight, so their speed is how fast the weights stream through the FMA units. On an x86-64 CPU
+with AVX2 and FMA they run through :mod:`skinny`'s C++ kernel (:func:`_skinny`,
+:func:`_attention_kernel`), which reads the weights where they are, bf16 or fp32, and keeps no
+copy; projections that share an input (q/k/v, gate/up) go in one call. Where the kernel is not
+built, or on a CPU that runs bf16 natively, a frozen parameter instead keeps a copy of its
+(bf16-rounded) values in fp32, reordered once into oneDNN's blocked layout, which streams fastest
+of torch's ways (:func:`_decode_linear`); that costs 4 more bytes per parameter while generating
+(2 on a CPU that runs bf16 natively, where the copy stays bf16), and projections that share an
+input keep one such copy of their weights stacked and run as one matmul (:func:`linears`).
+``QWENLITE_PACK_WEIGHTS=0`` keeps plain fp32 copies instead (emulated bf16 models; others keep
+none). :func:`clear_packed_weights` frees them all.
 
 ``QWENLITE_BF16_MATMUL=native`` (or :func:`set_bf16_matmul`) turns emulation off; ``emulate``
 forces it on any CPU.
@@ -263,14 +267,16 @@ def _skinny(x: torch.Tensor, weights: Sequence[torch.Tensor],
     off or not built here, more than ``skinny.MAX_ROWS`` rows, other dtypes (an fp32 model under
     bf16 autocast, a CPU that runs bf16 natively), or something watching ops — a dispatch mode
     such as a FLOPS counter, a tensor subclass, compilation — that an opaque call would dodge."""
-    rows = x.numel() // x.shape[-1]
+    rows = x.numel() // max(x.shape[-1], 1)
     dtype = torch.bfloat16 if emulate else torch.float32
-    if rows > skinny.MAX_ROWS or (not emulate and x.dtype != dtype):
+    if not 1 <= rows <= skinny.MAX_ROWS or (not emulate and x.dtype != dtype):
         return None
     tensors = [t for t in (*weights, *biases) if t is not None]
     if (any(t.dtype != dtype or not t.is_contiguous() for t in tensors)
+            or any(w.dim() != 2 or w.shape[1] != x.shape[-1] or w.shape[0] < 1 or (
+                b is not None and b.shape != (w.shape[0],)) for w, b in zip(weights, biases))
             or not _plain(x, *tensors) or not skinny.enabled()):
-        return None
+        return None  # a shape F.linear refuses gets its error there
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -281,7 +287,8 @@ def _skinny(x: torch.Tensor, weights: Sequence[torch.Tensor],
 def _decode_linear(x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
     """``x·Wᵀ + b`` for a decode step's few rows, in fp32 (an emulated bf16 matmul rounds its
-    input and output to bf16), or in bf16 through a prepacked weight on a CPU with bf16 units.
+    input and output to bf16), or in bf16 through a prepacked weight on a CPU with bf16 units:
+    through the decode kernel (:func:`_skinny`) where it serves, else as follows.
 
     A decode step streams every weight from memory for a few rows, and how fast BLAS streams it
     depends on the layout. A parameter is reordered once into oneDNN's blocked layout and kept
@@ -383,14 +390,15 @@ def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     """``[layer(x) for layer in layers]`` for layers that share their input (attention's q, k
     and v projections; the MLP's gate and up).
 
-    A decode step through plain frozen :class:`Linear` layers runs as one matmul over their
+    A decode step through plain frozen :class:`Linear` layers runs as one call: of the decode
+    kernel over all the weights (:func:`_skinny`), or without it one oneDNN matmul over their
     weights stacked and prepacked once (:func:`_stacked_weight`): 97 matmuls a step instead of
-    169. On a 2-core Zen 3 the model's bf16 decode step of 8 sequences measured 167.1 ms with it
-    against 177.8 ms without (medians), its fp32 step 183.6 against 180.3 — within that VM's
-    noise alone (``QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py decode-step``).
-    Anything else — more rows, autograd, a LoRA-wrapped layer, hooks watching the layers,
-    packing off — runs layer by layer. The stacked outputs are column slices of one result
-    (views, not contiguous)."""
+    169. On a 2-core Zen 3 the oneDNN way measured the model's bf16 decode step of 8 sequences at
+    167.1 ms against 177.8 ms layer by layer (medians), its fp32 step 183.6 against 180.3 —
+    within that VM's noise alone (``QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py
+    decode-step``). Anything else — more rows, autograd, a LoRA-wrapped layer, hooks watching
+    the layers, packing off — runs layer by layer. The stacked oneDNN outputs are column slices
+    of one result (views, not contiguous); the kernel's are contiguous."""
     if not all(type(layer) is Linear and not _observed(layer) for layer in layers):
         return [layer(x) for layer in layers]
     weights = [layer.weight for layer in layers]
@@ -424,23 +432,27 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _plain(*tensors: torch.Tensor) -> bool:
     """Whether an opaque kernel may compute on these tensors: plain CPU tensors, no dispatch mode
-    (a FLOPS counter, a fake-tensor tracer) and no compilation that would not see it."""
+    (a FLOPS counter, a fake-tensor tracer) and no compilation or tracing that would not see it."""
     return (not torch._C._len_torch_dispatch_stack() and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu"
                     for t in tensors))
 
 
 def _attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, emulate: bool,
-                      attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                      scale: float | None = None, **_) -> torch.Tensor | None:
+                      kv_bf16: bool, attn_mask: torch.Tensor | None = None,
+                      dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                      enable_gqa: bool = False) -> torch.Tensor | None:
     """A decode step's attention through :mod:`skinny`'s kernel, or None where it does not serve
-    (it is off or not built here, an additive mask, a CPU that runs bf16 natively, a dispatch
-    mode watching). An emulated bf16 model's query is rounded to bf16 and its output too; keys
-    and values are read as they are, fp32 or bf16."""
-    if is_causal or (attn_mask is not None and attn_mask.dtype != torch.bool):
+    (it is off or not built here, an additive mask, dropout, a CPU that runs bf16 natively, a
+    dispatch mode watching). An emulated bf16 model's query is rounded to bf16 and its output
+    too; its keys and values are read as they are: bf16, or fp32 holding bf16 values
+    (``kv_bf16``: a widened cache). fp32 keys that are not bf16 values (an fp32 model under bf16
+    autocast) go to SDPA, which rounds them."""
+    if is_causal or dropout_p or (attn_mask is not None and attn_mask.dtype != torch.bool):
         return None
     if emulate:
-        if k.dtype not in (torch.float32, torch.bfloat16):
+        if not (k.dtype == torch.bfloat16 or (kv_bf16 and k.dtype == torch.float32)):
             return None
         q = q.to(torch.bfloat16).float()
     elif not q.dtype == k.dtype == torch.float32:
@@ -461,17 +473,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bf16: bool =
     ``kv_bf16``: ``k`` and ``v`` are fp32 tensors that hold bf16 values (a KV cache kept wide for
     emulation, :class:`~qwenlite.model.attention.KVCache`), used as they are.
 
-    A decode step on the CPU (one query per sequence, no autograd) runs as
-    :func:`_decode_attention`: for 8 sequences over 900 cached tokens, 24 layers took 17.4 and
-    18.5 ms so against 20.4 ms as two batched matmuls and 27.6–37.2 ms through SDPA with
-    ``enable_gqa`` (two runs of ``python benchmarks/bench_cpu_measures.py decode-attention``)."""
+    A decode step on the CPU (one query per sequence, no autograd) runs through the decode
+    kernel (:func:`_attention_kernel`), else as :func:`_decode_attention`: for 8 sequences over
+    900 cached tokens, 24 layers took 16.9 ms through the kernel (12.0 over a bf16 cache), 22.5 ms
+    as :func:`_decode_attention`, 24.1 ms as two batched matmuls and 35.5 ms through SDPA with
+    ``enable_gqa`` (``python benchmarks/bench_cpu_measures.py decode-attention``)."""
     emulate = emulating(q)
     if kv_bf16 and not emulate:  # emulation turned off since the cache was made
         k, v = k.to(q.dtype), v.to(q.dtype)
     decode = (q.device.type == "cpu" and q.shape[-2] == 1 and q.shape[1] % k.shape[1] == 0
               and not _autograd(q, k, v))
     if decode:
-        out = _attention_kernel(q, k, v, emulate, **kwargs)
+        out = _attention_kernel(q, k, v, emulate, kv_bf16, **kwargs)
         if out is not None:
             return out
     if not emulate and not decode:

@@ -15,8 +15,9 @@
 // (OpenMP, torch's own runtime) split the columns of all the weights of a call between them.
 //
 // qwenlite_decode_attention: one new query per sequence and head over its cached keys and
-// values (grouped-query attention), fp32 throughout, as torch's SDPA computes it up to the order
-// of the sums and the exp (Cephes' polynomial, within 2 ulp).
+// values (grouped-query attention): an fp32 query, fp32 or bf16 keys and values, fp32 scores,
+// softmax and output, as torch's SDPA computes them up to the order of the sums and the exp
+// (Cephes' polynomial, within 2 ulp). Unlike SDPA it does not propagate NaN scores.
 
 #include <immintrin.h>
 #include <stdint.h>
