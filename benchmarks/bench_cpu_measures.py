@@ -218,7 +218,7 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
         else:
             os.environ[skinny.ENV] = env
     for way, ts in times.items():
-        print(f"  {way:26s} median {1e3 * statistics.median(ts):6.1f} ms  "
+        print(f"  {way:34s} median {1e3 * statistics.median(ts):6.1f} ms  "
               f"best {1e3 * min(ts):6.1f} ms")
 
 
