@@ -37,9 +37,9 @@ def calls(monkeypatch):
     seen = []
     real = skinny.linears
 
-    def spy(x, weights, *args):
+    def spy(x, weights, *args, **kwargs):
         seen.append(len(weights))
-        return real(x, weights, *args)
+        return real(x, weights, *args, **kwargs)
     monkeypatch.setattr(skinny, "linears", spy)
     return seen
 

@@ -267,20 +267,19 @@ def _skinny(x: torch.Tensor, weights: Sequence[torch.Tensor],
     off or not built here, more than ``skinny.MAX_ROWS`` rows, other dtypes (an fp32 model under
     bf16 autocast, a CPU that runs bf16 natively), or something watching ops — a dispatch mode
     such as a FLOPS counter, a tensor subclass, compilation — that an opaque call would dodge."""
-    rows = x.numel() // max(x.shape[-1], 1)
     dtype = torch.bfloat16 if emulate else torch.float32
-    if not 1 <= rows <= skinny.MAX_ROWS or (not emulate and x.dtype != dtype):
+    rows = x.numel() // max(x.shape[-1], 1)
+    if (not 1 <= rows <= skinny.MAX_ROWS or weights[0].dtype != dtype
+            or (not emulate and x.dtype != dtype)):
         return None
-    tensors = [t for t in (*weights, *biases) if t is not None]
-    if (any(t.dtype != dtype or not t.is_contiguous() for t in tensors)
-            or any(w.dim() != 2 or w.shape[1] != x.shape[-1] or w.shape[0] < 1 or (
-                b is not None and b.shape != (w.shape[0],)) for w, b in zip(weights, biases))
-            or not _plain(x, *tensors) or not skinny.enabled()):
-        return None  # a shape F.linear refuses gets its error there
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    x2 = x.reshape(rows, x.shape[-1]).to(dtype)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    outs = skinny.linears(x2, weights, biases, dtype)
+    if (skinny.refusal(x2, weights, biases) is not None  # F.linear gives a misfit its error
+            or not _plain(x, *weights, *(b for b in biases if b is not None))
+            or not skinny.enabled()):
+        return None
+    outs = skinny.linears(x2, weights, biases, dtype, checked=True)
     return [o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs]
 
 

@@ -94,14 +94,15 @@ struct Out {
     int64_t n;
 };
 
+// A tile's out[c * mr + r] (+ bias), rounded or not, into y at rows row0.., columns col0...
 template <typename W>
 inline void store(const Out &o, const float *out, int mr, int nc, int64_t row0, int64_t col0,
-                  int64_t MR, bool y_bf16) {
+                  bool y_bf16) {
     for (int c = 0; c < nc; c++) {
         const int64_t col = col0 + c;
         const float b = o.bias ? widen(static_cast<const W *>(o.bias)[col]) : 0.f;
         for (int r = 0; r < mr; r++) {
-            const float v = out[c * MR + r] + b;
+            const float v = out[c * mr + r] + b;
             const int64_t at = (row0 + r) * o.n + col;
             if (y_bf16) static_cast<uint16_t *>(o.y)[at] = to_bf16(v);
             else static_cast<float *>(o.y)[at] = v;
@@ -143,11 +144,11 @@ void columns(const float *x, int64_t M, int64_t K, const W *w, const Out &o, int
         if (nc == NC) {
             if (mr == MR) tile<MR, NC, W>(group, r0, w + col0 * K, K, out);  // the usual case
             else tile_rows<MR, NC, W>(mr, group, r0, w + col0 * K, K, out);
-            store<W>(o, out, static_cast<int>(mr), NC, row0, col0, mr, y_bf16);
+            store<W>(o, out, static_cast<int>(mr), NC, row0, col0, y_bf16);
         } else {
             for (int c = 0; c < nc; c++) {
                 tile_rows<MR, 1, W>(mr, group, r0, w + (col0 + c) * K, K, out);
-                store<W>(o, out, static_cast<int>(mr), 1, row0, col0 + c, mr, y_bf16);
+                store<W>(o, out, static_cast<int>(mr), 1, row0, col0 + c, y_bf16);
             }
         }
     }

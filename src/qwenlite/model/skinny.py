@@ -209,13 +209,36 @@ def status() -> str:
 
 
 def linears(x: torch.Tensor, weights: Sequence[torch.Tensor],
-            biases: Sequence[torch.Tensor | None], out_dtype: torch.dtype) -> list[torch.Tensor]:
+            biases: Sequence[torch.Tensor | None], out_dtype: torch.dtype,
+            checked: bool = False) -> list[torch.Tensor]:
     """``[x·Wᵀ + b for W, b in zip(weights, biases)]`` in ``out_dtype`` for a 2-D CPU ``x`` of at
     most :data:`MAX_ROWS` rows (bf16 or fp32, unit stride along its last dimension) and
     contiguous weights that all have one dtype, bf16 or fp32 (biases too), through the kernel;
-    :func:`enabled` must be true."""
+    :func:`enabled` must be true. ``checked``: the caller has had :func:`refusal` pass them (a
+    decode step, which must not check twice); else they are checked here (ValueError)."""
+    why = None if checked else refusal(x, weights, biases)
+    if why is not None:
+        raise ValueError(f"the decode kernel does not take these: {why}")
     lib, _ = _load()
     return _call(lib.linears, x, weights, biases, out_dtype)
+
+
+def refusal(x: torch.Tensor, weights: Sequence[torch.Tensor],
+            biases: Sequence[torch.Tensor | None]) -> str | None:
+    """Why :func:`linears` does not take these (the kernel's own limits and a shape ``F.linear``
+    would refuse too), or None."""
+    rows, k = x.shape
+    if not 1 <= len(weights) <= MAX_OUTPUTS or not 1 <= rows <= MAX_ROWS or x.stride(-1) != 1:
+        return (f"it takes 1-{MAX_OUTPUTS} weights, 1-{MAX_ROWS} rows of unit stride; got "
+                f"{len(weights)} weights, x {tuple(x.shape)} with strides {x.stride()}")
+    dtype = weights[0].dtype
+    for w, b in zip(weights, biases):
+        if (w.dim() != 2 or w.shape[1] != k or w.shape[0] < 1 or w.dtype != dtype
+                or not w.is_contiguous() or (b is not None and (
+                    b.shape != (w.shape[0],) or b.dtype != dtype or not b.is_contiguous()))):
+            return (f"it needs contiguous (n, {k}) weights of one dtype and (n,) biases of it; "
+                    f"got {[tuple(w.shape) for w in weights]}")
+    return None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -257,19 +280,9 @@ def _attention_call(lib, q, k, v, mask, scale):
 
 
 def _call(fn, x, weights, biases, out_dtype):
+    """The kernel over arguments :func:`refusal` passed."""
     rows, k = x.shape
     count = len(weights)
-    if not 1 <= count <= MAX_OUTPUTS or not 1 <= rows <= MAX_ROWS or x.stride(-1) != 1:
-        raise ValueError(f"the decode kernel takes 1-{MAX_OUTPUTS} weights, 1-{MAX_ROWS} rows "
-                         f"of unit stride; got {count} weights, x {tuple(x.shape)} with strides "
-                         f"{x.stride()}")
-    dtype = weights[0].dtype
-    for w, b in zip(weights, biases):
-        if (w.dim() != 2 or w.shape[1] != k or w.shape[0] < 1 or w.dtype != dtype
-                or not w.is_contiguous() or (b is not None and (
-                    b.shape != (w.shape[0],) or b.dtype != dtype or not b.is_contiguous()))):
-            raise ValueError(f"the decode kernel needs contiguous (n, {k}) weights of one dtype "
-                             f"and (n,) biases of it; got {[tuple(w.shape) for w in weights]}")
     outs = [torch.empty(rows, w.shape[0], dtype=out_dtype, device="cpu") for w in weights]
     pointers = ctypes.c_void_p * count
     rc = fn(x.data_ptr(), x.stride(0), x.dtype == torch.bfloat16, rows, k, count,
