@@ -152,3 +152,28 @@ def test_lora_flops_add_their_parts(ckpt):
     expected = sum(10 * 4 * (2 * 64 - 1) + 10 * 4 + 10 * out * (2 * 4 - 1) + 10 * out
                    for out in (64, 32)) * 2
     assert count.total() - plain == expected
+
+
+def test_peft_users_load_the_logit_bias_beside_the_adapter(ckpt, tmp_path):
+    """An adapter with a logit bias stays PEFT-loadable; the bias file is added to the PEFT
+    model's LM head as the docs say, and its logits equal ours."""
+    from qwenlite.lora import add_logit_bias, load_logit_bias_into
+
+    ours = load_model(ckpt)
+    apply_lora(ours, r=2, alpha=4)
+    _randomize_b(ours)
+    bias = add_logit_bias(ours)
+    with torch.no_grad():
+        bias.copy_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(7)))
+    save_adapter(ours, tmp_path / "adapter", str(ckpt))
+    theirs = peft.PeftModel.from_pretrained(load_hf(ckpt), tmp_path / "adapter").eval()
+    ids = _ids(5)
+    with torch.no_grad():
+        without = theirs(input_ids=ids).logits
+        load_logit_bias_into(theirs, tmp_path / "adapter" / "logit_bias.safetensors")
+        torch.testing.assert_close(ours(ids), theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(without, theirs(input_ids=ids).logits)
+    # and ours loads it back, bias included
+    again = load_adapter(load_model(ckpt), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), ours(ids), rtol=1e-5, atol=1e-5)

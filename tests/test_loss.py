@@ -42,3 +42,23 @@ def test_no_grad_and_trainable_head_paths():
     loss.backward()
     assert w_trainable.grad is not None
     torch.testing.assert_close(loss, _plain(h, w, t, ones))
+
+
+def test_logit_bias_value_and_gradients_match_the_plain_loss():
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(23, 16, generator=gen, requires_grad=True)
+    w = torch.randn(40, 16, generator=gen)
+    b = (torch.randn(40, generator=gen) * 0.5).requires_grad_(True)
+    t = torch.randint(0, 40, (23,), generator=gen)
+    mask = (torch.rand(23, generator=gen) > 0.2).float()
+    fused = linear_cross_entropy(h, w, t, mask, chunk=5, bias=b)
+    g_h, g_b = torch.autograd.grad(fused * 2.0, (h, b))
+    losses = F.cross_entropy((h @ w.T + b).float(), t, reduction="none")
+    plain = (losses * mask).sum() / mask.sum()
+    p_h, p_b = torch.autograd.grad(plain * 2.0, (h, b))
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_h, p_h, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_b, p_b, rtol=1e-5, atol=1e-7)
+    # bias alone trainable (a frozen model: the hidden states need no gradient)
+    (g_only,) = torch.autograd.grad(linear_cross_entropy(h.detach(), w, t, mask, bias=b), b)
+    torch.testing.assert_close(g_only, p_b / 2.0, rtol=1e-5, atol=1e-7)

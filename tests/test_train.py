@@ -112,7 +112,8 @@ def test_ledger_refuses_an_over_budget_run(setup, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (("--rank", "0"), "positive integer"),
+    (("--rank", "0"), "trains nothing"),
+    (("--rank", "-1"), "non-negative integer"),
     (("--context", "100000"), "larger than every series"),
     (("--lr", "abc"), "positive number"),
     (("--dtype", "fp16"), "invalid choice"),
@@ -156,3 +157,47 @@ def test_changed_settings_are_refused(setup, tmp_path, capsys):
     assert main(_args(setup, run, ledger, "--max-steps", "2")) == 0
     assert main(_args(setup, run, ledger, "--max-steps", "2", "--rank", "8")) == 2
     assert "rank=4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rank", ["0", "2"])
+def test_logit_bias_trains_saves_loads_and_resumes(setup, tmp_path, rank):
+    """--logit-bias alone (rank 0) and beside LoRA: the bias trains, is saved with the adapter,
+    is counted in the FLOPS, loads back through load_adapter, and resumes exactly."""
+    from safetensors.torch import load_file
+
+    from qwenlite.flops import counting_model
+    from qwenlite.lora import load_adapter, lora_layers
+    from qwenlite.model.config import QwenConfig
+
+    ledger = tmp_path / "ledger.json"
+    common = ("--lr", "3e-2", "--rank", rank, "--logit-bias", "--max-steps", "6",
+              "--eval-interval", "3", "--save-interval", "2")
+    ref = tmp_path / "ref"
+    assert main(_args(setup, ref, ledger, *common)) == 0
+    bias = load_file(str(ref / "adapter" / "logit_bias.safetensors"))["lm_head.bias"]
+    assert bias.abs().max() > 0  # it trained
+    assert (ref / "adapter" / "adapter_config.json").is_file() == (rank != "0")
+    vals = [r["val_loss"] for r in _losses(ref) if "val_loss" in r]
+    assert vals[-1] < vals[0]
+    # the FLOPS of a step count the bias: one add per logit
+    weights, _ = setup
+    config = QwenConfig.from_json(weights / "config.json")
+    lora = None if rank == "0" else int(rank)
+    with_bias = train_step_flops(counting_model(config, lora, logit_bias=True), 48, 2).rule
+    without = train_step_flops(counting_model(config, lora), 48, 2).rule
+    assert with_bias - without == 3 * 2 * 48 * config.vocab_size
+    assert _losses(ref)[1]["flops"] - _losses(ref)[0]["flops"] == with_bias
+    # loads back: the model's logits carry the bias
+    model = load_model(weights)
+    load_adapter(model, ref / "adapter")
+    assert model.lm_head.bias is not None and bool((lora_layers(model) != {}) == (rank != "0"))
+    import torch
+    torch.testing.assert_close(model.lm_head.bias.detach(), bias)
+    # resumes: a run stopped at step 4 and rerun to 6 equals the uninterrupted one
+    run = tmp_path / "resumed"
+    stop = [c if c != "6" else "4" for c in common]
+    assert main(_args(setup, run, ledger, *stop)) == 0
+    assert main(_args(setup, run, ledger, *common)) == 0
+    assert [r.get("loss") for r in _losses(run)] == [r.get("loss") for r in _losses(ref)]
+    resumed = load_file(str(run / "adapter" / "logit_bias.safetensors"))["lm_head.bias"]
+    assert torch.equal(resumed, bias)

@@ -219,6 +219,20 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def check_run_dir(run: str | Path) -> Path:
+    """``run`` as a Path, if it is a training run directory (split, α and an adapter or logit
+    bias); else a one-line error."""
+    from qwenlite.lora import is_adapter_dir
+
+    run = Path(run)
+    for name in ("split.json", "llmtime.json"):
+        if not (run / name).is_file():
+            raise QwenliteError(f"{run} is not a training run directory: no {name}")
+    if not is_adapter_dir(run / "adapter"):
+        raise QwenliteError(f"{run} is not a training run directory: no adapter in {run}/adapter")
+    return run
+
+
 def load_split_and_settings(args, dataset):
     """The run's split and α (with --adapter), else a fresh split and α fitted on its train part
     by the same rule as training."""
@@ -226,10 +240,7 @@ def load_split_and_settings(args, dataset):
     from qwenlite.preprocessor import LLMTimeSettings, fit_alpha
 
     if args.adapter:
-        run = Path(args.adapter)
-        for name in ("split.json", "llmtime.json", "adapter/adapter_config.json"):
-            if not (run / name).is_file():
-                raise QwenliteError(f"{run} is not a training run directory: no {name}")
+        run = check_run_dir(args.adapter)
         split = Split.load(run / "split.json")
         settings = LLMTimeSettings.load(run / "llmtime.json")
         if max(np.max(split.train), np.max(split.val), np.max(split.test)) >= len(

@@ -34,7 +34,7 @@ from torch import nn
 from qwenlite.cli import ArgumentParser, main_guard, positive_int, weights_dir_from
 from qwenlite.errors import QwenliteError
 from qwenlite.generate import generation_flops as _generation_flops
-from qwenlite.lora import DEFAULT_TARGETS, LoRALinear, apply_lora
+from qwenlite.lora import DEFAULT_TARGETS, LoRALinear, add_logit_bias, apply_lora
 from qwenlite.model.config import QwenConfig
 from qwenlite.model.counting import FlopCount, matmul_flops
 from qwenlite.model.decoder import QwenForCausalLM
@@ -55,7 +55,8 @@ def _check_positive(**values: int) -> None:
 
 
 def counting_model(config: QwenConfig, lora_rank: int | None = None,
-                   lora_targets: Iterable[str] = DEFAULT_TARGETS) -> QwenForCausalLM:
+                   lora_targets: Iterable[str] = DEFAULT_TARGETS,
+                   logit_bias: bool = False) -> QwenForCausalLM:
     """A model on the meta device (shapes only, no memory) for counting FLOPS.
 
     Args:
@@ -63,6 +64,7 @@ def counting_model(config: QwenConfig, lora_rank: int | None = None,
         lora_rank: if given, wrap ``lora_targets`` with LoRA of this rank (base weights frozen,
             as in training).
         lora_targets: projection names to adapt.
+        logit_bias: give the LM head the trainable logit bias (:func:`qwenlite.lora.add_logit_bias`).
     Returns:
         A :class:`QwenForCausalLM` whose ``flops()`` and the functions here can be called.
     """
@@ -70,6 +72,10 @@ def counting_model(config: QwenConfig, lora_rank: int | None = None,
         model = QwenForCausalLM(config)
         if lora_rank is not None:
             apply_lora(model, lora_rank, targets=lora_targets)
+        if logit_bias:
+            if lora_rank is None:
+                model.requires_grad_(False)  # the bias alone trains
+            add_logit_bias(model)
     return model
 
 

@@ -137,6 +137,8 @@ def generate(
             allowed = allowed.nonzero().flatten()
         sub_ids = torch.unique(torch.cat([allowed.long(), eos]))
     head = model.lm_head.weight if sub_ids is None else model.lm_head.weight[sub_ids]
+    bias = model.lm_head.bias
+    head_bias = bias if bias is None or sub_ids is None else bias[sub_ids]
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
@@ -146,7 +148,7 @@ def generate(
         return model(ids, logits_to_keep=1, return_hidden=True, **kwargs)[:, -1]
 
     def logits_of(h):
-        return model.lm_head(h) if sub_ids is None else kernels.linear(h, head)
+        return model.lm_head(h) if sub_ids is None else kernels.linear(h, head, head_bias)
 
     cache = model.new_cache(b, total)
     # On a CPU, long prompts of different lengths are prefilled one by one, each at its own
@@ -238,6 +240,8 @@ def generation_flops(model: QwenForCausalLM, prompt_len: int, decode_steps: int,
     head = FlopCount()
     if head_rows is not None:
         head["lm_head.matmul"] = matmul_flops(1, model.config.hidden_size, head_rows)
+        if model.lm_head.bias is not None:
+            head["lm_head.bias"] = head_rows
     count = FlopCount()
     for n in lens:
         count += (model.flops(n, 0, logits=logits) + head).prefixed("prefill")

@@ -5,6 +5,13 @@
 exact output. Parameter names (``lora_A.weight``, ``lora_B.weight``) and the adapter files
 (``adapter_config.json`` + ``adapter_model.safetensors``) follow PEFT, so an adapter trained here
 loads into transformers + PEFT, and back.
+
+The course's trainable **logit bias** (:func:`add_logit_bias`: one bias per vocabulary entry,
+zeros at first, added to the LM head's logits) is saved beside the LoRA files as
+``logit_bias.safetensors`` (one tensor, ``lm_head.bias``). PEFT ignores that file, so an adapter
+stays PEFT-loadable; a PEFT user adds the bias with ``model.lm_head.bias =
+torch.nn.Parameter(load_file(path)["lm_head.bias"])`` (:func:`load_logit_bias_into` does exactly
+that, and the tests check it against qwenlite). A bias alone (no LoRA) writes only that file.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ DEFAULT_TARGETS = ("q_proj", "v_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+LOGIT_BIAS_FILE = "logit_bias.safetensors"
+LOGIT_BIAS_KEY = "lm_head.bias"
 
 
 class LoRALinear(nn.Module):
@@ -152,15 +161,60 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def add_logit_bias(model: nn.Module) -> nn.Parameter:
+    """Give the LM head a trainable bias of zeros (one per vocabulary entry), as the course's
+    ``qwen.py`` does; everything else keeps its ``requires_grad``. Returns the bias."""
+    head = model.lm_head
+    if head.bias is None:
+        head.bias = nn.Parameter(torch.zeros(head.out_features, dtype=head.weight.dtype,
+                                             device=head.weight.device))
+    head.bias.requires_grad_(True)
+    return head.bias
+
+
+def logit_bias(model: nn.Module) -> torch.Tensor | None:
+    """The LM head's bias, or None."""
+    return getattr(model.lm_head, "bias", None)
+
+
+def load_logit_bias_into(model: nn.Module, path: str | Path) -> nn.Module:
+    """Set ``model.lm_head.bias`` from a ``logit_bias.safetensors`` file. Works on qwenlite's
+    model and on transformers' ``Qwen2ForCausalLM`` (+ PEFT) alike: how a PEFT user loads it."""
+    from safetensors.torch import load_file
+
+    try:
+        bias = load_file(str(path))[LOGIT_BIAS_KEY]
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds
+        raise CheckpointError(f"cannot read the logit bias {path}: {exc}") from None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") \
+        else model.lm_head
+    if tuple(bias.shape) != (head.out_features,):
+        raise CheckpointError(f"logit bias {path} has shape {list(bias.shape)}, expected "
+                              f"[{head.out_features}]")
+    head.bias = nn.Parameter(bias.to(head.weight.dtype).to(head.weight.device),
+                             requires_grad=False)
+    return model
+
+
 def save_adapter(model: nn.Module, directory: str | Path,
                  base_model_name_or_path: str = "Qwen/Qwen2.5-0.5B-Instruct") -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's format),
-    atomically: a crash mid-save leaves the previous adapter intact."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's format), and
+    ``logit_bias.safetensors`` when the LM head has a bias, each atomically: a crash mid-save
+    leaves the previous files intact."""
     from safetensors.torch import save_file
 
     layers = lora_layers(model)
+    bias = logit_bias(model)
+    if not layers and bias is None:
+        raise QwenliteError("the model has no LoRA layers or logit bias to save")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if bias is not None:
+        tmp = directory / (LOGIT_BIAS_FILE + ".tmp")
+        save_file({LOGIT_BIAS_KEY: bias.detach().float().contiguous().cpu()}, str(tmp))
+        tmp.replace(directory / LOGIT_BIAS_FILE)
     if not layers:
-        raise QwenliteError("the model has no LoRA layers to save")
+        return directory
     first = next(iter(layers.values()))
     targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
     config = {
@@ -179,8 +233,6 @@ def save_adapter(model: nn.Module, directory: str | Path,
         "use_rslora": False,
         "use_dora": False,
     }
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -197,8 +249,24 @@ def read_adapter_config(directory: str | Path) -> dict:
     return config
 
 
+def is_adapter_dir(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a LoRA adapter, a logit bias, or both."""
+    directory = Path(directory)
+    return (directory / ADAPTER_CONFIG).is_file() or (directory / LOGIT_BIAS_FILE).is_file()
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Wrap ``model`` as the adapter's config says and load its weights (strictly)."""
+    """Wrap ``model`` as the adapter's config says and load its weights (strictly), and its
+    logit bias when the directory has one."""
+    directory = Path(directory)
+    if (directory / LOGIT_BIAS_FILE).is_file():
+        load_logit_bias_into(model, directory / LOGIT_BIAS_FILE)
+        if not (directory / ADAPTER_CONFIG).is_file():
+            return model
+    return _load_lora(model, directory)
+
+
+def _load_lora(model: nn.Module, directory: Path) -> nn.Module:
     from safetensors import safe_open
 
     config = read_adapter_config(directory)

@@ -22,11 +22,14 @@ CHUNK = 256
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, token_weights, chunk):
+    def forward(ctx, h, weight, bias, targets, token_weights, chunk):
         n = h.shape[0]
         denom = token_weights.sum().clamp(min=1.0)
         need_grad = ctx.needs_input_grad[0]
+        need_bias_grad = bias is not None and ctx.needs_input_grad[2]
         grad_h = torch.empty_like(h) if need_grad else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) \
+            if need_bias_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         # bf16 on a CPU without bf16 units: the same bf16 matmuls, run on the fp32 units.
         emulate = kernels.emulating(h)
@@ -38,47 +41,59 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 hs = h[s:e].to(bf16).float() if emulate else h[s:e]
                 logits = hs @ w.T
                 logits = logits.to(bf16).float() if emulate else logits.float()
+                if bias is not None:
+                    logits += bias.float()
                 tgt = targets[s:e]
                 logp = torch.log_softmax(logits, dim=-1)  # one fused pass; logsumexp takes five
                 del logits
                 tw = token_weights[s:e]
                 total -= (logp.gather(1, tgt[:, None]).squeeze(1) * tw).sum()
-                if need_grad:
+                if need_grad or need_bias_grad:
                     probs = logp.exp_()
                     probs[torch.arange(e - s, device=h.device), tgt] -= 1.0
                     probs.mul_((tw / denom)[:, None])
+                    if need_bias_grad:
+                        grad_b += probs.sum(0)
+                    if not need_grad:
+                        continue
                     if emulate:
                         grad = (probs.to(bf16).float() @ w).to(bf16)
                     else:
                         grad = probs.to(weight.dtype) @ weight
                     grad_h[s:e] = grad.to(h.dtype)
-        if need_grad:
-            ctx.save_for_backward(grad_h)
+        ctx.save_for_backward(grad_h, grad_b)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return total / denom
 
     @staticmethod
     def backward(ctx, grad_out):
-        (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out.to(grad_h.dtype), None, None, None, None
+        grad_h, grad_b = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        gb = None if grad_b is None else (grad_b * grad_out).to(ctx.bias_dtype)
+        return gh, None, gb, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          token_weights: torch.Tensor | None = None,
-                         chunk: int = CHUNK) -> torch.Tensor:
-    """Mean cross-entropy of ``h @ weight.T`` against ``targets``, weighted per token.
+                         chunk: int = CHUNK, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``h @ weight.T (+ bias)`` against ``targets``, weighted per token.
 
     Args:
         h: (tokens, hidden) final hidden states.
         weight: (vocab, hidden) the LM head; must not require grad (use the plain path then).
         targets: (tokens,) next-token ids.
         token_weights: (tokens,) 1 for tokens in the loss, 0 for padding (default all 1).
+        bias: (vocab,) a logit bias (the course's trainable LM-head bias), or None; its
+            gradient, ``Σ_tokens w·(softmax − onehot) / Σ w``, is accumulated chunk by chunk.
     Returns:
-        The scalar ``Σ w·CE / Σ w``; its gradient flows to ``h`` only.
+        The scalar ``Σ w·CE / Σ w``; its gradient flows to ``h`` (and ``bias``) only.
     """
     if token_weights is None:
         token_weights = torch.ones(targets.shape, dtype=torch.float32, device=h.device)
     if weight.requires_grad:
         logits = (h @ weight.T).float()
+        if bias is not None:
+            logits = logits + bias.float()
         losses = F.cross_entropy(logits, targets, reduction="none")
         return (losses * token_weights).sum() / token_weights.sum().clamp(min=1.0)
-    return _LinearCrossEntropy.apply(h, weight, targets, token_weights.float(), chunk)
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, token_weights.float(), chunk)

@@ -46,7 +46,7 @@ class TrainConfig:
     """Settings of a training run (saved as ``config.json`` in the run directory)."""
 
     lr: float = 1e-5
-    rank: int = 4
+    rank: int = 4  # 0: no LoRA (the logit bias alone trains)
     alpha: float | None = None  # None: equal to the rank (scaling 1)
     context: int = 512
     batch: int = 4
@@ -60,6 +60,7 @@ class TrainConfig:
     decimals: int = 2
     stride: int | None = None  # None: half the context
     weight_decay: float = 0.0
+    logit_bias: bool = False  # the course's trainable LM-head bias
     experiment: str = ""
     weights: str = ""
     data: str = ""
@@ -119,7 +120,7 @@ def lm_loss(model, input_ids: torch.Tensor, loss_mask: torch.Tensor | None) -> t
     targets = input_ids[:, 1:].reshape(-1)
     weights = None if loss_mask is None else loss_mask[:, 1:].reshape(-1).float()
     return linear_cross_entropy(h.reshape(-1, h.shape[-1]), model.lm_head.weight, targets,
-                                weights)
+                                weights, bias=model.lm_head.bias)
 
 
 class Trainer:
@@ -134,7 +135,7 @@ class Trainer:
     def prepare(self) -> None:
         from qwenlite.data import load_dataset, make_training_windows, split_systems
         from qwenlite.flops import train_step_flops
-        from qwenlite.lora import apply_lora
+        from qwenlite.lora import add_logit_bias, apply_lora
         from qwenlite.model.loading import load_model
         from qwenlite.preprocessor import LLMTimeSettings, encode, fit_alpha
         from qwenlite.tokenizer import Tokenizer
@@ -172,7 +173,11 @@ class Trainer:
 
         self.model = load_model(cfg.weights, dtype=torch.float32, device=self.device)
         torch.manual_seed(cfg.seed)  # LoRA A's initialisation: same seed, same run
-        apply_lora(self.model, cfg.rank, cfg.alpha, cfg.targets)
+        self.model.requires_grad_(False)
+        if cfg.rank:
+            apply_lora(self.model, cfg.rank, cfg.alpha, cfg.targets)
+        if cfg.logit_bias:
+            add_logit_bias(self.model)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -223,7 +228,7 @@ class Trainer:
         from qwenlite.lora import save_adapter
 
         lora = {k: v.detach().clone() for k, v in self.model.state_dict().items()
-                if ".lora_" in k}
+                if ".lora_" in k or k == "lm_head.bias"}
         _atomic_torch_save({"step": step, "evals": evals, "lora": lora,
                             "optimizer": self.optimizer.state_dict(),
                             "rng": torch.get_rng_state()}, self.run_dir / STATE)
@@ -349,7 +354,11 @@ def parse_args(argv: list[str] | None) -> tuple:
                         help="run directory (default runs/lora-r{rank}-lr{lr}-ctx{context}); "
                              "rerun with the same one to resume")
     parser.add_argument("--lr", type=positive_float, default=defaults.lr)
-    parser.add_argument("--rank", type=positive_int, default=defaults.rank)
+    parser.add_argument("--rank", type=nonnegative_int, default=defaults.rank,
+                        help="LoRA rank (0: no LoRA; needs --logit-bias)")
+    parser.add_argument("--logit-bias", action="store_true",
+                        help="also train the course's logit bias (one per vocabulary entry, "
+                             "added to the LM head), saved as adapter/logit_bias.safetensors")
     parser.add_argument("--alpha", type=positive_float, default=None,
                         help="LoRA alpha (default: the rank, i.e. scaling 1)")
     parser.add_argument("--context", type=positive_int, default=defaults.context,
@@ -386,7 +395,10 @@ def main(argv: list[str] | None = None) -> int:
                       eval_interval=args.eval_interval, eval_windows=args.eval_windows,
                       save_interval=args.save_interval, seed=args.seed,
                       dtype=args.dtype, targets=targets, decimals=args.decimals,
-                      stride=args.stride, experiment=args.experiment)
+                      stride=args.stride, logit_bias=args.logit_bias,
+                      experiment=args.experiment)
+    if not cfg.rank and not cfg.logit_bias:
+        raise QwenliteError("--rank 0 trains nothing: add --logit-bias or give a rank >= 1")
     device = resolve_device(args.device)
     warn_if_slow_bf16(resolve_dtype(cfg.dtype), device)
     run_dir = Path(args.out or f"runs/lora-r{cfg.rank}-lr{cfg.lr:g}-ctx{cfg.context}")
