@@ -274,11 +274,11 @@ def _main(argv: list[str] | None) -> int:
     weights = resolve_weights(args.weights)
     device = resolve_device(args.device)
     warn_if_slow_bf16(resolve_dtype(args.dtype), device)
+    model = load_model(weights, dtype=args.dtype, device=device)
     tok = Tokenizer(weights)
     ids = tok.encode(args.prompt)
     if not ids:
         parser.error("--prompt is empty")
-    model = load_model(weights, dtype=args.dtype, device=device)
     out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed, eos_token_id=tok.eos_token_id,
                    pad_token_id=tok.pad_token_id or 0)
