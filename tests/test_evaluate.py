@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -96,19 +95,19 @@ def test_samples_give_crps_and_test_split_needs_asking(setup, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--context-steps", "90", "--horizon", "20"], "exceed"),
     (["--samples", "2", "--temperature", "0"], "temperature"),
-    (["--adapter", "/nonexistent", "--context-steps", "10", "--horizon", "3"],
+    (["--adapter", "/nonexistent", "--context-steps", "10", "--horizon", "3"], "does not exist"),
+    (["--adapter", "/", "--context-steps", "10", "--horizon", "3"],
      "not a training run directory"),
     (["--split", "train"], "invalid choice"),
 ])
 def test_bad_input(setup, tmp_path, capsys, extra, message):
     weights, data = setup
-    # argparse rejects bad choices by exiting; everything else returns status 2
-    with pytest.raises(SystemExit) if message == "invalid choice" else nullcontext():
-        code = main(["--weights", str(weights), "--data", str(data), "--out",
-                     str(tmp_path / "e"), "--ledger", str(tmp_path / "l.json"), *extra])
-        assert code == 2
+    code = main(["--weights", str(weights), "--data", str(data), "--out",
+                 str(tmp_path / "e"), "--ledger", str(tmp_path / "l.json"), *extra])
+    assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+    assert not list(tmp_path.iterdir())  # refused before the output directory or the ledger
 
 
 def test_adapter_run_uses_its_split_and_alpha(setup, tmp_path):

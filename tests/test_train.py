@@ -109,6 +109,7 @@ def test_ledger_refuses_an_over_budget_run(setup, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "budget" in err[0] and "steps would fit" in err[0]
+    assert not list(tmp_path.iterdir())  # no run directory, no ledger, no lock file
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -125,6 +126,7 @@ def test_bad_input_is_one_line(setup, tmp_path, extra, message):
     assert proc.returncode == 2
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert message in err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_missing_weights_and_corrupt_checkpoint(setup, tmp_path, capsys):

@@ -1,14 +1,15 @@
-"""``python -m qwenlite``: list the commands."""
+"""``python -m qwenlite``: list the commands (the registry :data:`qwenlite.cli.COMMANDS`)."""
 
-COMMANDS = """qwenlite commands (each takes --help):
-  python -m qwenlite.train        LoRA fine-tuning with a FLOPS ledger
-  python -m qwenlite.evaluate     forecast metrics vs baselines
-  python -m qwenlite.flops        FLOPS accounting (--breakdown)
-  python -m qwenlite.budget       the FLOPS ledger
-  python -m qwenlite.preprocessor LLMTIME examples
-  python -m qwenlite.data         simulate / summarise datasets
-  python -m qwenlite.generate     generate text from a prompt
-  python -m qwenlite.download     fetch a checkpoint from the hub"""
+from qwenlite.cli import COMMANDS
+
+
+def listing() -> str:
+    """The commands, one a line, with what each does."""
+    width = max(len(name) for name in COMMANDS)
+    return "\n".join(["qwenlite commands (each takes --help):"]
+                     + [f"  python -m qwenlite.{name:<{width}} {what}"
+                        for name, what in COMMANDS.items()])
+
 
 if __name__ == "__main__":
-    print(COMMANDS)
+    print(listing())

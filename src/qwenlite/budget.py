@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from qwenlite.errors import BudgetError, QwenliteError
-from qwenlite.io import atomic_write_text
+from qwenlite.io import atomic_write_text, check_file_writable
 
 DEFAULT_BUDGET = 1e17
 LEDGER_ENV = "QWENLITE_LEDGER"
@@ -66,7 +66,12 @@ class Ledger:
         if not self.path.exists():
             return {"budget": self._budget or DEFAULT_BUDGET, "entries": {}}
         try:
-            data = json.loads(self.path.read_text())
+            text = self.path.read_text()
+        except OSError as exc:
+            raise QwenliteError(f"cannot read the FLOPS ledger {self.path}: "
+                                f"{exc.strerror or exc}; pass another --ledger") from None
+        try:
+            data = json.loads(text)
             assert isinstance(data.get("entries"), dict)
         except (json.JSONDecodeError, AssertionError, AttributeError) as exc:
             raise QwenliteError(f"FLOPS ledger {self.path} is corrupt ({exc}); restore it from a "
@@ -80,6 +85,17 @@ class Ledger:
 
     def load(self) -> dict:
         """A snapshot of the ledger (budget and entries)."""
+        return self._read()
+
+    def check(self) -> dict:
+        """Make sure the ledger can be read and rewritten (or created), before an experiment
+        writes anything else; nothing is created. Returns a snapshot.
+
+        Raises:
+            QwenliteError: the path is a directory, unreadable, in a folder that cannot be
+                written or created, or the file is corrupt.
+        """
+        check_file_writable(self.path, "FLOPS ledger")
         return self._read()
 
     @property
@@ -97,24 +113,16 @@ class Ledger:
         ``key`` identifies the experiment (its run directory); FLOPS it already recorded (a
         resumed run) are not counted twice: ``planned_flops`` is what remains to be done.
 
+        A refused plan writes nothing (not even the lock file).
+
         Raises:
             BudgetError: one line with what is left and what would fit.
         """
-        with self._locked() as data:
+        _refuse_over_budget(self._read(), experiment, planned_flops, flops_per_step)
+        with self._locked() as data:  # checked again: another run may have spent meanwhile
+            _refuse_over_budget(data, experiment, planned_flops, flops_per_step)
             entries = data["entries"]
             entry = entries.get(key)
-            spent = sum(int(e["flops"]) for e in entries.values())
-            left = float(data["budget"]) - spent
-            if planned_flops > left:
-                fit = ""
-                if flops_per_step:
-                    fit = f"; at {fmt_flops(flops_per_step)} FLOPS a step, " \
-                          f"{max(int(left // flops_per_step), 0)} steps would fit"
-                raise BudgetError(
-                    f"{experiment} plans {fmt_flops(planned_flops)} FLOPS but only "
-                    f"{fmt_flops(max(left, 0))} of the {fmt_flops(data['budget'])} budget are "
-                    f"left{fit}"
-                )
             if entry is None:
                 entry = entries[key] = {"experiment": experiment, "kind": kind, "flops": 0,
                                         "steps": 0, "tokens": 0, "created": _now()}
@@ -163,24 +171,47 @@ class Ledger:
         return f"FLOPS ledger {self.path} (budget {fmt_flops(budget)})\n" + "\n".join(lines)
 
 
+def _refuse_over_budget(data: dict, experiment: str, planned_flops: int,
+                        flops_per_step: int | None) -> None:
+    """Raise :class:`BudgetError` if ``planned_flops`` more do not fit in the ledger ``data``."""
+    left = float(data["budget"]) - sum(int(e["flops"]) for e in data["entries"].values())
+    if planned_flops > left:
+        fit = ""
+        if flops_per_step:
+            fit = f"; at {fmt_flops(flops_per_step)} FLOPS a step, " \
+                  f"{max(int(left // flops_per_step), 0)} steps would fit"
+        raise BudgetError(
+            f"{experiment} plans {fmt_flops(planned_flops)} FLOPS but only "
+            f"{fmt_flops(max(left, 0))} of the {fmt_flops(data['budget'])} budget are "
+            f"left{fit}"
+        )
+
+
+def build_parser():
+    """The argument parser of ``python -m qwenlite.budget``."""
+    from qwenlite.cli import ArgumentParser, existing_file
+
+    parser = ArgumentParser(prog="python -m qwenlite.budget", description="Print the FLOPS ledger.")
+    parser.add_argument("--ledger", type=existing_file, default=None,
+                        help=f"ledger file (default ${LEDGER_ENV}, else {DEFAULT_LEDGER})")
+    parser.add_argument("--json", action="store_true", help="print the raw ledger")
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    ledger = Ledger(args.ledger)
+    if not ledger.path.exists():
+        raise QwenliteError(f"no FLOPS ledger at {ledger.path} yet: run an experiment first")
+    print(json.dumps(ledger.load(), indent=2) if args.json else ledger.table())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from qwenlite.cli import ArgumentParser, main_guard
+    """``python -m qwenlite.budget``: the FLOPS ledger as a table (or JSON)."""
+    from qwenlite.cli import main_guard
 
-    @main_guard
-    def run() -> int:
-        parser = ArgumentParser(prog="python -m qwenlite.budget",
-                                         description="Print the FLOPS ledger.")
-        parser.add_argument("--ledger", default=None,
-                            help=f"ledger file (default ${LEDGER_ENV}, else {DEFAULT_LEDGER})")
-        parser.add_argument("--json", action="store_true", help="print the raw ledger")
-        args = parser.parse_args(argv)
-        ledger = Ledger(args.ledger)
-        if not ledger.path.exists():
-            raise QwenliteError(f"no FLOPS ledger at {ledger.path} yet: run an experiment first")
-        print(json.dumps(ledger.load(), indent=2) if args.json else ledger.table())
-        return 0
-
-    return run()
+    return main_guard(_main)(argv)
 
 
 if __name__ == "__main__":

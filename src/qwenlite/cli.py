@@ -1,24 +1,53 @@
-"""Conventions shared by every command: weights, data, device, dtype, and one-line errors.
+"""Conventions shared by every command: weights, data, device, dtype, checked values, errors.
 
 * weights: ``--weights DIR``, else ``$QWENLITE_WEIGHTS``, else ``weights/Qwen2.5-0.5B-Instruct``
   (downloaded from the hub on first use);
 * data: ``--data PATH``, else the project's simulated default dataset;
 * device: ``--device auto`` picks cuda, then mps, then cpu;
-* dtype: ``fp32`` or ``bf16``.
+* dtype: ``fp32`` or ``bf16``;
+* values: every option is checked where it is parsed, by one of the argparse types below
+  (:func:`number_type` for counts, seeds and rates: finite, in range; :func:`path_type` for
+  files to read, directories to use or create, files to write; text, names, devices). Each type
+  carries ``kind`` and ``bad_values`` (what it refuses), which ``tests/test_cli_errors.py``
+  feeds to every option of every command in :data:`COMMANDS`;
+* errors: one line, ``error: ...``, exit status 2, no traceback, for the user's mistakes
+  (:class:`~qwenlite.errors.QwenliteError`) and the outside world's failures (``OSError``: an
+  unreadable file, a full disk, a denied permission); a command checks all its inputs before it
+  writes anything, so a refused command leaves the file system as it found it. Other exceptions
+  are bugs and keep their traceback; set ``QWENLITE_DEBUG=1`` to see the traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
+import math
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from qwenlite.errors import QwenliteError
+from qwenlite.io import check_dir, check_dir_creatable, check_file, check_file_writable
+
+#: The ``python -m qwenlite.<name>`` commands and what each does; every one has ``main(argv)``
+#: and ``build_parser()``. A new command needs only a line here to be listed and to have all its
+#: options tried with bad values by the tests.
+COMMANDS = {
+    "train": "LoRA fine-tuning with a FLOPS ledger",
+    "evaluate": "forecast metrics vs baselines",
+    "flops": "FLOPS accounting (--breakdown)",
+    "budget": "the FLOPS ledger",
+    "preprocessor": "LLMTIME examples",
+    "data": "simulate / summarise datasets",
+    "generate": "generate text from a prompt",
+    "download": "fetch a checkpoint from the hub",
+}
 
 DEFAULT_REPO = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_WEIGHTS_DIR = Path("weights") / "Qwen2.5-0.5B-Instruct"
@@ -38,6 +67,7 @@ def add_weights_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights",
         metavar="DIR",
+        type=existing_dir,
         default=None,
         help=f"checkpoint directory (default: ${WEIGHTS_ENV}, else {DEFAULT_WEIGHTS_DIR}, "
         "downloaded from the hub on first use)",
@@ -48,6 +78,7 @@ def add_data_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         metavar="PATH",
+        type=existing_file,
         default=None,
         help="HDF5 file with /trajectories (N, T, 2) and /time (T,) "
         "(default: the project's simulated Lotka-Volterra dataset, generated on first use)",
@@ -56,7 +87,8 @@ def add_data_arg(parser: argparse.ArgumentParser) -> None:
 
 def add_device_args(parser: argparse.ArgumentParser, dtype_default: str = "fp32") -> None:
     parser.add_argument(
-        "--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
+        "--device", default="auto", type=device_name,
+        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
     )
     parser.add_argument("--dtype", default=dtype_default, choices=sorted(DTYPES), help="precision")
 
@@ -138,52 +170,199 @@ def resolve_weights(arg: str | os.PathLike | None) -> Path:
     return download(DEFAULT_REPO, path)
 
 
+# ----- one-line errors ----------------------------------------------------------------------------
+DEBUG_ENV = "QWENLITE_DEBUG"
+
+# What to do about the failures of the outside world a command may meet, by errno.
+_OS_ADVICE = {
+    errno.ENOSPC: "free some disk space and rerun",
+    errno.EDQUOT: "free some disk space (quota exceeded) and rerun",
+    errno.EACCES: "fix its permissions or choose another path",
+    errno.EPERM: "fix its permissions or choose another path",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.EISDIR: "it is a directory: pass a file path",
+    errno.ENOTDIR: "a part of the path is not a directory: check the path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "use a shorter path",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for a failed file-system (or network) operation: the path(s), why, what to do."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    advice = _OS_ADVICE.get(exc.errno, "check the path and rerun")
+    return f"{paths or 'a file operation'}: {reason}; {advice}"
+
+
+def debugging() -> bool:
+    """True when ``$QWENLITE_DEBUG`` is set (to anything but ``0``): errors keep their traceback."""
+    return os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+
+
 def main_guard(func: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap a CLI ``main`` so that user errors print one line and exit with status 2."""
+    """Wrap a CLI ``main`` so that expected failures print one line and exit with status 2.
+
+    Expected failures are the user's (:class:`QwenliteError`) and the outside world's
+    (:class:`OSError`: an unreadable file, a full disk, a denied permission...). Any other
+    exception is a bug and keeps its traceback; with ``$QWENLITE_DEBUG=1`` every exception does.
+    The wrapped ``main`` returns the exit status, also when argparse refuses the command line
+    (its ``SystemExit``, after its one line), so in-process callers get a status, not an exit.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs) -> int:
+        if debugging():
+            return int(func(*args, **kwargs) or 0)
         try:
             code = func(*args, **kwargs)
         except QwenliteError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        except SystemExit as exc:  # argparse: the message is printed already
+            if exc.code is None or isinstance(exc.code, int):
+                return int(exc.code or 0)
+            print(exc.code, file=sys.stderr)
+            return 1
         return int(code or 0)
 
     return wrapper
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+# ----- argparse types: every value is checked where it is parsed ----------------------------------
+#: Placeholders in the ``bad_values`` of path types, filled in by whoever tries them (the tests):
+#: ``{missing}`` a path that does not exist, ``{file}`` an existing regular file, ``{dir}`` an
+#: existing directory, ``{unwritable}`` an existing directory the user may not write to.
+PATH_PLACEHOLDERS = ("missing", "file", "dir", "unwritable")
+
+INT_MAX = 2**63 - 1  # every count and seed must fit in torch's and numpy's int64
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
+def argument_type(convert: Callable[[str], Any], kind: str, bad_values: Iterable[str],
+                  doc: str) -> Callable[[str], Any]:
+    """Make ``convert`` an argparse type whose refusal is one line.
+
+    Args:
+        convert: text -> value; raises :class:`QwenliteError` or ``ValueError`` with the message.
+        kind: what sort of value it is (``number``, ``path``, ``text``, ``names``, ``device``).
+        bad_values: texts it refuses, for tests to try (paths may hold :data:`PATH_PLACEHOLDERS`).
+        doc: its docstring.
+
+    Returns:
+        The type, carrying ``kind`` and ``bad_values`` as attributes.
+    """
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except (QwenliteError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.kind = kind
+    parse.bad_values = tuple(dict.fromkeys(bad_values))
+    parse.__doc__ = doc
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+def number_type(convert: type, what: str, *, low: float, low_open: bool = False,
+                high: float | None = None) -> Callable[[str], int | float]:
+    """An argparse type for finite ``int`` or ``float`` values in ``[low, high]`` (``(low, high]``
+    with ``low_open``); ints are at most :data:`INT_MAX` unless ``high`` says less."""
+    implicit_high = convert is int and high is None
+    if implicit_high:
+        high = INT_MAX
+
+    def convert_checked(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise ValueError(f"expected {what}, got {text!r}") from None
+        if implicit_high and value > high:
+            raise ValueError(f"expected {what} of at most {high}, got {text}")
+        finite = convert is int or math.isfinite(value)
+        above = high is not None and value > high
+        if not finite or above or value < low or (low_open and value == low):
+            raise ValueError(f"expected {what}, got {text}")
+        return value
+
+    below = [low - 1, *([low] if low_open else []), *([-1] if -1 < low else [])]
+    bad = ["", "abc", "nan", "inf", "-inf", *(convert(x) for x in below),
+           *(["1.5", "9" * 40] if convert is int else ["1e400"])]
+    if high is not None:
+        bad.append(convert(high + 1))
+    return argument_type(convert_checked, "number", map(str, bad), f"argparse type: {what}.")
+
+
+positive_int = number_type(int, "a positive integer", low=1)
+nonnegative_int = number_type(int, "a non-negative integer", low=0)
+positive_float = number_type(float, "a positive number", low=0, low_open=True)
+nonnegative_float = number_type(float, "a non-negative number", low=0)
+probability = number_type(float, "a number in (0, 1]", low=0, low_open=True, high=1)
+
+
+def path_type(check: Callable[[str], Path], what: str, bad_values: Iterable[str]):
+    """An argparse type for a path that ``check`` accepts (returns it expanded, as a str)."""
+
+    def convert(text: str) -> str:
+        if not text.strip():
+            raise ValueError(f"expected {what}, got an empty string")
+        return str(check(text))
+
+    return argument_type(convert, "path", ["", *bad_values], f"argparse type: {what}.")
+
+
+existing_file = path_type(check_file, "an existing file", ["{missing}", "{dir}", "{file}/x"])
+existing_dir = path_type(check_dir, "an existing directory", ["{missing}", "{file}"])
+creatable_dir = path_type(check_dir_creatable, "a directory that exists or can be created",
+                          ["{file}", "{file}/sub", "{unwritable}", "{unwritable}/sub"])
+writable_file = path_type(check_file_writable, "a file path that can be written",
+                          ["{dir}", "{file}/x", "{unwritable}/x"])
+
+
+def text_type(what: str, valid: Callable[[str], bool], bad_values: Iterable[str]):
+    """An argparse type for text that ``valid`` accepts (returned as it is)."""
+
+    def convert(text: str) -> str:
+        if not valid(text):
+            raise ValueError(f"expected {what}, got {text!r}")
+        return text
+
+    return argument_type(convert, "text", bad_values, f"argparse type: {what}.")
+
+
+nonempty_text = text_type("a non-empty text", lambda t: bool(t.strip()), ["", "  "])
+one_line_text = text_type("one line of printable text", str.isprintable, ["two\nlines", "tab\t"])
+repo_id = text_type("a hub repository owner/name",
+                    lambda t: re.fullmatch(r"[\w.-]+/[\w.-]+", t) is not None,
+                    ["", "no-slash", "a/b/c", "own er/name"])
+
+
+def name_list(allowed: Iterable[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type for a comma-separated, non-empty list of names from ``allowed``."""
+    allowed = tuple(allowed)
+
+    def convert(text: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+        unknown = [n for n in names if n not in allowed]
+        if not names or unknown:
+            raise ValueError(f"expected comma-separated names from {','.join(allowed)}, "
+                             f"got {text!r}")
+        return names
+
+    return argument_type(convert, "names", ["", ",", "not_a_name", f"{allowed[0]},not_a_name"],
+                         f"argparse type: comma-separated names from {', '.join(allowed)}.")
+
+
+def _device_name(text: str) -> str:
+    resolve_device(text)  # raises one line for a malformed or unavailable device
+    return text
+
+
+device_name = argument_type(_device_name, "device", ["", "bogus", "cpu:x"],
+                            "argparse type: auto, cpu, cuda, cuda:N or mps (available here).")

@@ -24,9 +24,12 @@ import numpy as np
 import torch
 
 from qwenlite.cli import (ArgumentParser, add_data_arg, add_device_args, add_weights_arg,
-                          main_guard, positive_float, positive_int, resolve_device,
-                          resolve_dtype, resolve_weights, warn_if_slow_bf16)
+                          creatable_dir, existing_dir, main_guard, nonnegative_float,
+                          nonnegative_int, one_line_text, positive_int, probability,
+                          resolve_device, resolve_dtype, resolve_weights, warn_if_slow_bf16,
+                          writable_file)
 from qwenlite.errors import QwenliteError
+from qwenlite.io import check_dir_creatable
 
 
 @dataclass
@@ -190,14 +193,15 @@ def plot(out_dir: Path, time_axis, contexts, truth, preds: dict, by_horizon: dic
     plt.close(fig)
 
 
-def parse_args(argv):
+def build_parser() -> ArgumentParser:
+    """The argument parser of ``python -m qwenlite.evaluate``."""
     parser = ArgumentParser(prog="python -m qwenlite.evaluate",
                             description="Forecast with Qwen2.5 (zero-shot or a LoRA adapter) and "
                                         "score against baselines.")
     add_weights_arg(parser)
     add_data_arg(parser)
     add_device_args(parser)
-    parser.add_argument("--adapter", metavar="RUN_DIR", default=None,
+    parser.add_argument("--adapter", type=existing_dir, metavar="RUN_DIR", default=None,
                         help="a training run directory (its adapter, split and α are used)")
     parser.add_argument("--split", choices=("val", "test"), default="val",
                         help="systems to evaluate (test only when asked for)")
@@ -205,18 +209,26 @@ def parse_args(argv):
     parser.add_argument("--horizon", type=positive_int, default=20)
     parser.add_argument("--samples", type=positive_int, default=1,
                         help="forecasts per system; > 1 samples (median forecast and CRPS)")
-    parser.add_argument("--temperature", type=float, default=None,
+    parser.add_argument("--temperature", type=nonnegative_float, default=None,
                         help="sampling temperature (default 0 = greedy for 1 sample, 0.7 else)")
-    parser.add_argument("--top-p", type=positive_float, default=0.9)
+    parser.add_argument("--top-p", type=probability, default=0.9)
     parser.add_argument("--systems", type=positive_int, default=None,
                         help="evaluate the first N systems of the split (default all)")
     parser.add_argument("--batch", type=positive_int, default=32, help="systems per batch")
-    parser.add_argument("--seed", type=int, default=0, help="split seed and sampler seed")
-    parser.add_argument("--out", default=None, help="output directory (default runs/eval-...)")
-    parser.add_argument("--experiment", default="", help="name in the FLOPS ledger")
-    parser.add_argument("--ledger", default=None, help="FLOPS ledger file")
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="split seed and sampler seed")
+    parser.add_argument("--out", type=creatable_dir, default=None,
+                        help="output directory (default runs/eval-...)")
+    parser.add_argument("--experiment", type=one_line_text, default="",
+                        help="name in the FLOPS ledger")
+    parser.add_argument("--ledger", type=writable_file, default=None, help="FLOPS ledger file")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv):
+    """The parsed command line (see :func:`build_parser`)."""
+    return build_parser().parse_args(argv)
 
 
 def check_run_dir(run: str | Path) -> Path:
@@ -255,6 +267,8 @@ def load_split_and_settings(args, dataset):
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
+    """Evaluate; every input (paths, ledger, weights, data, adapter, budget) is checked before
+    the output directory or the ledger is written."""
     from qwenlite.baselines import BASELINES
     from qwenlite.budget import Ledger, fmt_flops
     from qwenlite.data import load_dataset, resolve_data
@@ -270,8 +284,15 @@ def main(argv: list[str] | None = None) -> int:
         0.0 if args.samples == 1 else 0.7)
     if args.samples > 1 and temperature <= 0:
         raise QwenliteError("--samples > 1 needs --temperature > 0 (greedy samples are identical)")
-    dataset = load_dataset(resolve_data(args.data))
+    device = resolve_device(args.device)
     k, h = args.context_steps, args.horizon
+    tag = "adapter" if args.adapter else "zeroshot"
+    out_dir = check_dir_creatable(args.out or f"runs/eval-{tag}-{args.split}-{k}to{h}",
+                                  "output directory")
+    ledger = Ledger(args.ledger)
+    ledger.check()
+    weights = resolve_weights(args.weights)
+    dataset = load_dataset(resolve_data(args.data))
     if k + h > dataset.trajectories.shape[1]:
         raise QwenliteError(f"--context-steps {k} + --horizon {h} exceed the "
                             f"{dataset.trajectories.shape[1]} timesteps of the series")
@@ -280,11 +301,6 @@ def main(argv: list[str] | None = None) -> int:
     traj = dataset.trajectories[systems].astype(np.float64)
     contexts, truth = traj[:, :k], traj[:, k:k + h]
 
-    weights = resolve_weights(args.weights)
-    device = resolve_device(args.device)
-    tag = "adapter" if args.adapter else "zeroshot"
-    out_dir = Path(args.out or f"runs/eval-{tag}-{args.split}-{k}to{h}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     warn_if_slow_bf16(resolve_dtype(args.dtype), device)
     model = load_model(weights, dtype=args.dtype, device=device)
     if args.adapter:
@@ -293,7 +309,6 @@ def main(argv: list[str] | None = None) -> int:
             layer.merge()  # identical outputs, no extra matmuls while generating
     tok = Tokenizer(weights)
 
-    ledger = Ledger(args.ledger)
     key = str(out_dir.resolve())
     experiment = args.experiment or f"eval-{tag}-{args.split}"
     longest = max(len(tok.encode(encode(c, settings))) for c in contexts)
@@ -301,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     per_batch = generation_flops(model, longest, steps - 1, 1).total()
     ledger.plan(key, experiment, "eval", per_batch * len(systems) * args.samples,
                 systems=len(systems), split=args.split)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only once everything is checked and planned
 
     fc = llm_forecast(model, tok, settings, contexts, h, batch=args.batch, samples=args.samples,
                       temperature=temperature, top_p=args.top_p, seed=args.seed,

@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qwenlite.cli import ArgumentParser, main_guard, positive_int, weights_dir_from
+from qwenlite.cli import (ArgumentParser, existing_dir, main_guard, name_list, positive_int,
+                          weights_dir_from)
 from qwenlite.errors import QwenliteError
 from qwenlite.generate import generation_flops as _generation_flops
-from qwenlite.lora import DEFAULT_TARGETS, LoRALinear, add_logit_bias, apply_lora
-from qwenlite.model.config import QwenConfig
+from qwenlite.lora import DEFAULT_TARGETS, PROJECTIONS, LoRALinear, add_logit_bias, apply_lora
+from qwenlite.model.config import PRESETS, QwenConfig
 from qwenlite.model.counting import FlopCount, matmul_flops
 from qwenlite.model.decoder import QwenForCausalLM
 
@@ -511,59 +512,59 @@ def _print_report(rep: dict, fwd: FlopCount, breakdown: bool) -> None:
     print(_table(rows, ("totals for the batch", "FLOPS", "")))
 
 
+def build_parser() -> ArgumentParser:
+    """The argument parser of ``python -m qwenlite.flops``."""
+    parser = ArgumentParser(prog="python -m qwenlite.flops",
+                            description="FLOPS of a forward pass, training step or generation, "
+                            "by the coursework's rules (see docs/flops.md).")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="qwen2.5-0.5b", choices=sorted(PRESETS),
+                        help="named architecture (default qwen2.5-0.5b)")
+    source.add_argument("--weights", type=existing_dir, metavar="DIR", default=None,
+                        help="read the architecture from DIR/config.json (no weights loaded)")
+    parser.add_argument("--seq-len", type=positive_int, default=512,
+                        help="tokens per sequence (the prompt length with --generate)")
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--train", action="store_true",
+                        help="break down the training forward (loss included)")
+    parser.add_argument("--lora-rank", type=positive_int, default=None,
+                        help="add LoRA of this rank (base weights frozen)")
+    parser.add_argument("--lora-targets", type=name_list(PROJECTIONS),
+                        default=",".join(DEFAULT_TARGETS),
+                        help="comma-separated projections to adapt (default q_proj,v_proj)")
+    parser.add_argument("--generate", type=positive_int, default=None, metavar="N",
+                        help="also count generating N new tokens after a seq-len prompt")
+    parser.add_argument("--head-rows", type=positive_int, default=None, metavar="K",
+                        help="with --generate: next token restricted to K ids, so the LM "
+                        "head computes K rows (default: the whole vocabulary)")
+    parser.add_argument("--gqa-as-mha", action="store_true",
+                        help="count K/V projections full-width (other GQA reading)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="print the per-component table")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     """``python -m qwenlite.flops``: print the FLOPS tables (or JSON)."""
-    @main_guard
-    def run() -> int:
-        parser = ArgumentParser(prog="python -m qwenlite.flops",
-                         description="FLOPS of a forward pass, training step or generation, by "
-                         "the coursework's rules (see docs/flops.md).")
-        source = parser.add_mutually_exclusive_group()
-        source.add_argument("--preset", default="qwen2.5-0.5b",
-                            help="named architecture (default qwen2.5-0.5b)")
-        source.add_argument("--weights", metavar="DIR", default=None,
-                            help="read the architecture from DIR/config.json (no weights loaded)")
-        parser.add_argument("--seq-len", type=positive_int, default=512,
-                            help="tokens per sequence (the prompt length with --generate)")
-        parser.add_argument("--batch", type=positive_int, default=1)
-        parser.add_argument("--train", action="store_true",
-                            help="break down the training forward (loss included)")
-        parser.add_argument("--lora-rank", type=positive_int, default=None,
-                            help="add LoRA of this rank (base weights frozen)")
-        parser.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
-                            help="comma-separated projections to adapt (default q_proj,v_proj)")
-        parser.add_argument("--generate", type=positive_int, default=None, metavar="N",
-                            help="also count generating N new tokens after a seq-len prompt")
-        parser.add_argument("--head-rows", type=positive_int, default=None, metavar="K",
-                            help="with --generate: next token restricted to K ids, so the LM "
-                            "head computes K rows (default: the whole vocabulary)")
-        parser.add_argument("--gqa-as-mha", action="store_true",
-                            help="count K/V projections full-width (other GQA reading)")
-        parser.add_argument("--breakdown", action="store_true",
-                            help="print the per-component table")
-        parser.add_argument("--json", action="store_true", help="print one JSON object")
-        args = parser.parse_args(argv)
-        if args.head_rows is not None and args.generate is None:
-            raise QwenliteError("--head-rows applies to --generate only")
-        config, name = _config_from(args)
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        if not targets:
-            raise QwenliteError("--lora-targets is empty")
-        rep, fwd = report(config, seq_len=args.seq_len, batch=args.batch, train=args.train,
-                          lora_rank=args.lora_rank, lora_targets=targets,
-                          generate=args.generate, head_rows=args.head_rows,
-                          gqa_as_mha=args.gqa_as_mha, name=name)
-        try:
-            if args.json:
-                print(json.dumps(rep, indent=2))
-            else:
-                _print_report(rep, fwd, args.breakdown)
-            sys.stdout.flush()
-        except BrokenPipeError:  # e.g. piped into `head`: stop quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-
-    return run()
+    args = build_parser().parse_args(argv)
+    if args.head_rows is not None and args.generate is None:
+        raise QwenliteError("--head-rows applies to --generate only")
+    config, name = _config_from(args)
+    rep, fwd = report(config, seq_len=args.seq_len, batch=args.batch, train=args.train,
+                      lora_rank=args.lora_rank, lora_targets=args.lora_targets,
+                      generate=args.generate, head_rows=args.head_rows,
+                      gqa_as_mha=args.gqa_as_mha, name=name)
+    try:
+        if args.json:
+            print(json.dumps(rep, indent=2))
+        else:
+            _print_report(rep, fwd, args.breakdown)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
 
 
 if __name__ == "__main__":

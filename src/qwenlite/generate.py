@@ -251,42 +251,50 @@ def generation_flops(model: QwenForCausalLM, prompt_len: int, decode_steps: int,
     return count + decode.scaled(batch).prefixed("decode")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qwenlite.generate --prompt TEXT``: continue a prompt with a checkpoint."""
+def build_parser():
+    """The argument parser of ``python -m qwenlite.generate``."""
+    from qwenlite.cli import (ArgumentParser, add_device_args, add_weights_arg, nonempty_text,
+                              nonnegative_float, nonnegative_int, positive_int, probability)
 
-    from qwenlite.cli import (ArgumentParser, add_device_args, add_weights_arg, main_guard,
-                              positive_int, resolve_device, resolve_dtype, resolve_weights,
-                              warn_if_slow_bf16)
+    parser = ArgumentParser(prog="python -m qwenlite.generate",
+                            description="Continue a text prompt.")
+    add_weights_arg(parser)
+    add_device_args(parser)
+    parser.add_argument("--prompt", type=nonempty_text, required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+    parser.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=probability, default=1.0)
+    parser.add_argument("--seed", type=nonnegative_int, default=None)
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    from qwenlite.cli import resolve_device, resolve_dtype, resolve_weights, warn_if_slow_bf16
     from qwenlite.model.loading import load_model
     from qwenlite.tokenizer import Tokenizer
 
-    @main_guard
-    def run() -> int:
-        parser = ArgumentParser(prog="python -m qwenlite.generate",
-                                         description="Continue a text prompt.")
-        add_weights_arg(parser)
-        add_device_args(parser)
-        parser.add_argument("--prompt", required=True, help="text to continue")
-        parser.add_argument("--max-new-tokens", type=positive_int, default=32)
-        parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        parser.add_argument("--top-p", type=float, default=1.0)
-        parser.add_argument("--seed", type=int, default=None)
-        args = parser.parse_args(argv)
-        weights = resolve_weights(args.weights)
-        device = resolve_device(args.device)
-        warn_if_slow_bf16(resolve_dtype(args.dtype), device)
-        model = load_model(weights, dtype=args.dtype, device=device)
-        tok = Tokenizer(weights)
-        ids = tok.encode(args.prompt)
-        if not ids:
-            parser.error("--prompt is empty")
-        out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id or 0)
-        print(tok.decode(out.tokens[0]))
-        return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    weights = resolve_weights(args.weights)
+    device = resolve_device(args.device)
+    warn_if_slow_bf16(resolve_dtype(args.dtype), device)
+    model = load_model(weights, dtype=args.dtype, device=device)
+    tok = Tokenizer(weights)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        parser.error("--prompt is empty")
+    out = generate(model, [ids], args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id or 0)
+    print(tok.decode(out.tokens[0]))
+    return 0
 
-    return run()
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qwenlite.generate --prompt TEXT``: continue a prompt with a checkpoint."""
+    from qwenlite.cli import main_guard
+
+    return main_guard(_main)(argv)
 
 
 if __name__ == "__main__":

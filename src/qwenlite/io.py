@@ -43,3 +43,76 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# ----- checks of paths a command will read or write (before it writes anything) ----------------
+def _named(what: str, path: Path) -> str:
+    """``path``, after what it is for when that is known (e.g. ``FLOPS ledger runs/x.json``)."""
+    return f"{what} {path}" if what else str(path)
+
+
+def _require_writable_dir(directory: Path, prefix: str) -> None:
+    """Refuse ``directory`` unless it is a directory the user can write; ``prefix`` starts the
+    message (what was being done)."""
+    if not directory.is_dir():
+        raise QwenliteError(f"{prefix}{directory} is not a directory; choose another path")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise QwenliteError(f"{prefix}{directory} is not writable; choose another path or fix "
+                            "its permissions")
+
+
+def _check_can_create(path: Path, what: str) -> None:
+    """Refuse ``path`` unless its nearest existing ancestor is a directory the user can write."""
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    _require_writable_dir(ancestor, f"cannot create {_named(what, path)}: ")
+
+
+def check_file(path: str | Path, what: str = "") -> Path:
+    """An existing, readable regular file, else one line saying what is wrong with ``path``."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise QwenliteError(f"{_named(what, path)} is a directory; pass a file")
+    if not path.is_file():
+        raise QwenliteError(f"no {what or 'file'} at {path}; check the path")
+    if not os.access(path, os.R_OK):
+        raise QwenliteError(f"{_named(what, path)} is not readable; fix its permissions")
+    return path
+
+
+def check_dir(path: str | Path, what: str = "") -> Path:
+    """An existing, readable directory, else one line saying what is wrong with ``path``."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise QwenliteError(f"{_named(what, path)} is not a directory")
+    if not path.is_dir():
+        raise QwenliteError(f"{_named(what, path)} does not exist; check the path")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise QwenliteError(f"{_named(what, path)} is not readable; fix its permissions")
+    return path
+
+
+def check_dir_creatable(path: str | Path, what: str = "") -> Path:
+    """A directory that exists and is writable, or that can be created; checked, not created."""
+    path = Path(path).expanduser()
+    if path.exists():
+        _require_writable_dir(path, f"{what} " if what else "")
+    else:
+        _check_can_create(path, what)
+    return path
+
+
+def check_file_writable(path: str | Path, what: str = "") -> Path:
+    """A file path that can be (re)written atomically: not a directory, readable if it exists,
+    in a folder that exists and is writable or can be created; checked, nothing is created."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise QwenliteError(f"{_named(what, path)} is a directory; pass a file path")
+    if path.exists():
+        if not path.is_file():
+            raise QwenliteError(f"{_named(what, path)} is not a regular file; pass another path")
+        if not os.access(path, os.R_OK):
+            raise QwenliteError(f"{_named(what, path)} is not readable; fix its permissions")
+    _check_can_create(path, what)
+    return path

@@ -30,6 +30,8 @@ from qwenlite.model.counting import FlopCount, linear_flops, matmul_flops
 from qwenlite.model.kernels import Linear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
+# The linear layers of a Qwen2 decoder layer that LoRA can adapt (attention, then MLP).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."

@@ -36,6 +36,7 @@ from qwenlite.errors import QwenliteError
 from qwenlite.io import atomic_write_text, read_json_object
 
 DIGITS = "0123456789"
+MAX_DECIMALS = 8  # beyond this, float32 series gain nothing and tokens are wasted
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ class LLMTimeSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.decimals, int) or isinstance(self.decimals, bool) \
-                or not 0 <= self.decimals <= 8:
-            raise QwenliteError(f"decimals must be an integer from 0 to 8, got {self.decimals!r}")
+                or not 0 <= self.decimals <= MAX_DECIMALS:
+            raise QwenliteError(f"decimals must be an integer from 0 to {MAX_DECIMALS}, "
+                                f"got {self.decimals!r}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise QwenliteError(f"alpha must be a positive finite number, got {self.alpha!r}")
         if not 0 < self.percentile <= 100:
@@ -238,11 +240,10 @@ def allowed_characters(settings: LLMTimeSettings) -> str:
             + ("-" if settings.signed else ""))
 
 
-def _example_main(argv: list[str] | None = None) -> int:
-    from qwenlite.cli import (ArgumentParser, add_data_arg, add_weights_arg, positive_int,
-                              resolve_weights)
-    from qwenlite.data import load_dataset, resolve_data, split_systems
-    from qwenlite.tokenizer import Tokenizer
+def build_parser():
+    """The argument parser of ``python -m qwenlite.preprocessor``."""
+    from qwenlite.cli import (ArgumentParser, add_data_arg, add_weights_arg, existing_file,
+                              nonnegative_int, number_type, positive_int)
 
     parser = ArgumentParser(prog="python -m qwenlite.preprocessor",
                             description="Print example series, their LLMTIME strings and their "
@@ -251,16 +252,25 @@ def _example_main(argv: list[str] | None = None) -> int:
                         help="number of systems to show, from the training split (default 2)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="show only the first STEPS timesteps (default: the whole series)")
-    parser.add_argument("--decimals", type=int, default=LLMTimeSettings.decimals,
+    parser.add_argument("--decimals", type=number_type(int, f"an integer from 0 to {MAX_DECIMALS}",
+                                                       low=0, high=MAX_DECIMALS),
+                        default=LLMTimeSettings.decimals,
                         help=f"decimals per value (default {LLMTimeSettings.decimals})")
-    parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="split seed (default 0)")
     add_data_arg(parser)
     source = parser.add_mutually_exclusive_group()
     add_weights_arg(source)
-    source.add_argument("--tokenizer", metavar="FILE", default=None,
+    source.add_argument("--tokenizer", type=existing_file, metavar="FILE", default=None,
                         help="a tokenizer.json, instead of the one in the checkpoint directory")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _example_main(argv: list[str] | None = None) -> int:
+    from qwenlite.cli import resolve_weights
+    from qwenlite.data import load_dataset, resolve_data, split_systems
+    from qwenlite.tokenizer import Tokenizer
+
+    args = build_parser().parse_args(argv)
     tok = Tokenizer(args.tokenizer or resolve_weights(args.weights))
     dataset = load_dataset(resolve_data(args.data))
     split = split_systems(len(dataset.trajectories), seed=args.seed)

@@ -17,6 +17,7 @@ Every run's FLOPS go into the FLOPS ledger; a run whose plan does not fit in the
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -31,10 +32,11 @@ import torch
 
 from qwenlite.budget import Ledger, fmt_flops
 from qwenlite.cli import (ArgumentParser, add_data_arg, add_device_args, add_weights_arg,
-                          main_guard, nonnegative_int, positive_float, positive_int,
-                          resolve_device, resolve_dtype, resolve_weights, warn_if_slow_bf16)
+                          creatable_dir, main_guard, name_list, nonnegative_int, number_type,
+                          one_line_text, positive_float, positive_int, resolve_device,
+                          resolve_dtype, resolve_weights, warn_if_slow_bf16, writable_file)
 from qwenlite.errors import CheckpointError, QwenliteError
-from qwenlite.io import atomic_write_text, read_json_object
+from qwenlite.io import atomic_write_text, check_dir_creatable, read_json_object
 from qwenlite.loss import linear_cross_entropy
 
 STATE = "state.pt"
@@ -133,6 +135,8 @@ class Trainer:
 
     # ----- set-up -------------------------------------------------------------------------
     def prepare(self) -> None:
+        """Read and check everything the run needs (data, split, α, windows, model); writes
+        nothing, so a run refused here leaves the run directory as it was (or absent)."""
         from qwenlite.data import load_dataset, make_training_windows, split_systems
         from qwenlite.flops import train_step_flops
         from qwenlite.lora import add_logit_bias, apply_lora
@@ -144,7 +148,8 @@ class Trainer:
         dataset = load_dataset(cfg.data)
         split_file = run_dir / "split.json"
         settings_file = run_dir / "llmtime.json"
-        if split_file.exists() and settings_file.exists():  # resumed: reuse, never refit
+        self.resumed = split_file.exists() and settings_file.exists()
+        if self.resumed:  # reuse, never refit
             from qwenlite.data import Split
 
             split = Split.load(split_file)
@@ -153,8 +158,6 @@ class Trainer:
             split = split_systems(len(dataset.trajectories), seed=cfg.seed)
             settings = fit_alpha(dataset.trajectories[split.train],
                                  LLMTimeSettings(decimals=cfg.decimals))
-            split.save(split_file)
-            settings.save(settings_file)
         self.settings, self.split = settings, split
 
         tok = Tokenizer(cfg.weights)
@@ -185,6 +188,15 @@ class Trainer:
         self.step_flops = train_step_flops(self.model, cfg.context, cfg.batch).rule
         self.eval_flops = self.model.flops(cfg.context, loss=True).total() * len(self.val_ids)
         self.tokens_per_step = cfg.context * cfg.batch
+
+    def write_run_files(self) -> None:
+        """Create the run directory with ``config.json``, and ``split.json`` and ``llmtime.json``
+        for a new run: only once the run has been checked and its plan accepted."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.json", json.dumps(self.cfg.to_dict(), indent=2))
+        if not self.resumed:
+            self.split.save(self.run_dir / "split.json")
+            self.settings.save(self.run_dir / "llmtime.json")
 
     def n_evals(self, upto: int) -> int:
         """Validations run by step ``upto``: before the first step (the untrained reference), at
@@ -279,13 +291,14 @@ class Trainer:
         self.ledger_key = str(self.run_dir.resolve())
         self.prepare()
         start, evals = self.load_state()
-        self._truncate_metrics(start if evals else -1)
         planned_evals = self.n_evals(cfg.max_steps) - evals
         planned = self.flops_at(cfg.max_steps - start, max(planned_evals, 0))
         self.ledger.plan(self.ledger_key, cfg.experiment or self.run_dir.name, "train",
                          max(planned, 0), flops_per_step=self.step_flops,
                          run_dir=str(self.run_dir), rank=cfg.rank, lr=cfg.lr,
                          context=cfg.context, batch=cfg.batch)
+        self.write_run_files()
+        self._truncate_metrics(start if evals else -1)
         if start >= cfg.max_steps:
             print(f"{self.run_dir}: already trained for {start} steps (max {cfg.max_steps})")
             return {"step": start}
@@ -343,14 +356,18 @@ class Trainer:
                 "flops": self.flops_at(cfg.max_steps, evals)}
 
 
-def parse_args(argv: list[str] | None) -> tuple:
+def build_parser() -> ArgumentParser:
+    """The argument parser of ``python -m qwenlite.train``."""
+    from qwenlite.lora import PROJECTIONS
+    from qwenlite.preprocessor import MAX_DECIMALS
+
     defaults = TrainConfig()
     parser = ArgumentParser(prog="python -m qwenlite.train",
                             description="LoRA fine-tuning of Qwen2.5 on LLMTIME-encoded series.")
     add_weights_arg(parser)
     add_data_arg(parser)
     add_device_args(parser)
-    parser.add_argument("--out", default=None, metavar="RUN_DIR",
+    parser.add_argument("--out", type=creatable_dir, default=None, metavar="RUN_DIR",
                         help="run directory (default runs/lora-r{rank}-lr{lr}-ctx{context}); "
                              "rerun with the same one to resume")
     parser.add_argument("--lr", type=positive_float, default=defaults.lr)
@@ -370,57 +387,73 @@ def parse_args(argv: list[str] | None) -> tuple:
     parser.add_argument("--eval-windows", type=positive_int, default=defaults.eval_windows,
                         help="validation windows per validation")
     parser.add_argument("--save-interval", type=positive_int, default=defaults.save_interval)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--targets", default=",".join(defaults.targets),
+    parser.add_argument("--seed", type=nonnegative_int, default=defaults.seed)
+    parser.add_argument("--targets", type=name_list(PROJECTIONS),
+                        default=",".join(defaults.targets),
                         help="comma-separated projections to adapt")
-    parser.add_argument("--decimals", type=positive_int, default=defaults.decimals)
+    parser.add_argument("--decimals", type=number_type(int, f"an integer from 1 to {MAX_DECIMALS}",
+                                                       low=1, high=MAX_DECIMALS),
+                        default=defaults.decimals)
     parser.add_argument("--stride", type=positive_int, default=None,
                         help="tokens between training windows (default: half the context)")
-    parser.add_argument("--experiment", default="", help="name in the FLOPS ledger")
-    parser.add_argument("--ledger", default=None, help="FLOPS ledger file")
+    parser.add_argument("--experiment", type=one_line_text, default="",
+                        help="name in the FLOPS ledger")
+    parser.add_argument("--ledger", type=writable_file, default=None, help="FLOPS ledger file")
     parser.add_argument("--budget", type=positive_float, default=None,
                         help="FLOPS budget stored in the ledger (default: the ledger's, 1e17 for a new one)")
     parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line (see :func:`build_parser`)."""
+    return build_parser().parse_args(argv)
+
+
+def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to reuse a run directory that holds a run with other settings."""
+    config_file = run_dir / "config.json"
+    if not config_file.exists():
+        return
+    raw = read_json_object(config_file, "run config", CheckpointError)
+    try:
+        old = TrainConfig.from_dict(raw)
+    except TypeError as exc:
+        raise CheckpointError(f"{config_file} is unreadable ({exc})") from None
+    diff = [f.name for f in dataclasses.fields(cfg) if f.name not in TrainConfig.RESUMABLE
+            and getattr(old, f.name) != getattr(cfg, f.name)]
+    if diff:
+        name = diff[0]
+        raise QwenliteError(
+            f"{run_dir} holds a run with {name}={getattr(old, name)!r}, not "
+            f"{getattr(cfg, name)!r}; use another --out for a new run")
 
 
 @main_guard
 def main(argv: list[str] | None = None) -> int:
+    """Train; every input (paths, ledger, budget, weights, data, settings) is checked before the
+    run directory or the ledger is written."""
     from qwenlite.data import resolve_data
 
     args = parse_args(argv)
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     cfg = TrainConfig(lr=args.lr, rank=args.rank, alpha=args.alpha, context=args.context,
                       batch=args.batch, max_steps=args.max_steps,
                       eval_interval=args.eval_interval, eval_windows=args.eval_windows,
                       save_interval=args.save_interval, seed=args.seed,
-                      dtype=args.dtype, targets=targets, decimals=args.decimals,
+                      dtype=args.dtype, targets=args.targets, decimals=args.decimals,
                       stride=args.stride, logit_bias=args.logit_bias,
                       experiment=args.experiment)
     if not cfg.rank and not cfg.logit_bias:
         raise QwenliteError("--rank 0 trains nothing: add --logit-bias or give a rank >= 1")
     device = resolve_device(args.device)
     warn_if_slow_bf16(resolve_dtype(cfg.dtype), device)
-    run_dir = Path(args.out or f"runs/lora-r{cfg.rank}-lr{cfg.lr:g}-ctx{cfg.context}")
+    default_dir = f"runs/lora-r{cfg.rank}-lr{cfg.lr:g}-ctx{cfg.context}"
+    run_dir = check_dir_creatable(args.out or default_dir, "run directory")
+    ledger = Ledger(args.ledger, budget=args.budget)
+    ledger.check()
     cfg.weights = str(resolve_weights(args.weights))
     cfg.data = str(resolve_data(args.data))
-    config_file = run_dir / "config.json"
-    if config_file.exists():
-        raw = read_json_object(config_file, "run config", CheckpointError)
-        try:
-            old = TrainConfig.from_dict(raw)
-        except TypeError as exc:
-            raise CheckpointError(f"{config_file} is unreadable ({exc})") from None
-        diff = [f.name for f in dataclasses.fields(cfg) if f.name not in TrainConfig.RESUMABLE
-                and getattr(old, f.name) != getattr(cfg, f.name)]
-        if diff:
-            name = diff[0]
-            raise QwenliteError(
-                f"{run_dir} holds a run with {name}={getattr(old, name)!r}, not "
-                f"{getattr(cfg, name)!r}; use another --out for a new run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_file, json.dumps(cfg.to_dict(), indent=2))
-    ledger = Ledger(args.ledger, budget=args.budget)
+    check_resumable(cfg, run_dir)
     result = Trainer(cfg, run_dir, device, ledger, progress=not args.no_progress).run()
     summary = {k: v for k, v in result.items() if v is not None}
     print(json.dumps({"run_dir": str(run_dir), **summary}))
