@@ -47,6 +47,8 @@ COMMANDS = {
     "data": "simulate / summarise datasets",
     "generate": "generate text from a prompt",
     "download": "fetch a checkpoint from the hub",
+    "diagnose": "why a model forecasts as it does (NLL by digit, greedy vs sampled)",
+    "sweep": "the coursework's experiments: plan | run | status",
 }
 
 DEFAULT_REPO = "Qwen/Qwen2.5-0.5B-Instruct"

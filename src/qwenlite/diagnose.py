@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from qwenlite.cli import (ArgumentParser, add_data_arg, add_device_args, add_weights_arg,
-                          main_guard, positive_float, positive_int, resolve_device,
-                          resolve_weights)
+                          creatable_dir, existing_dir, main_guard, one_line_text, positive_float,
+                          positive_int, resolve_device, resolve_weights, writable_file)
 from qwenlite.errors import QwenliteError
 
 #: Token classes of a forecast, in the order the report shows them.
@@ -155,7 +155,7 @@ def build_parser() -> ArgumentParser:
     add_weights_arg(parser)
     add_data_arg(parser)
     add_device_args(parser)
-    parser.add_argument("--adapter", metavar="RUN_DIR", required=True,
+    parser.add_argument("--adapter", type=existing_dir, metavar="RUN_DIR", required=True,
                         help="a training run directory (its adapter, split and α are used)")
     parser.add_argument("--systems", type=positive_int, default=16,
                         help="the first N validation systems")
@@ -165,9 +165,10 @@ def build_parser() -> ArgumentParser:
                         help="sampled forecasts per system for the median (1: greedy only)")
     parser.add_argument("--temperature", type=positive_float, default=0.7)
     parser.add_argument("--batch", type=positive_int, default=16)
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--ledger", default=None, help="FLOPS ledger file")
-    parser.add_argument("--experiment", default="", help="name in the FLOPS ledger")
+    parser.add_argument("--out", type=creatable_dir, required=True, help="output directory")
+    parser.add_argument("--ledger", type=writable_file, default=None, help="FLOPS ledger file")
+    parser.add_argument("--experiment", type=one_line_text, default="",
+                        help="name in the FLOPS ledger")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     contexts, truth = traj[:, :k], traj[:, k:k + h]
     device = resolve_device(args.device)
     ledger = Ledger(args.ledger)
+    ledger.check()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     key = str(out_dir.resolve())
