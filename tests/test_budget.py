@@ -86,3 +86,15 @@ def test_cli_table_and_errors(tmp_path):
     missing = _cli("--ledger", str(tmp_path / "none.json"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_keys_inside_the_ledgers_directory_are_stored_relative(tmp_path):
+    """A committed sweep directory's ledger names its runs the same way on every machine."""
+    ledger = Ledger(tmp_path / "sweep" / "ledger.json")
+    inside = tmp_path / "sweep" / "default" / "train"
+    ledger.add(str(inside.resolve()), "default", "train", 10)
+    ledger.add(str((tmp_path / "elsewhere").resolve()), "other", "eval", 5)
+    keys = set(ledger.load()["entries"])
+    assert "./default/train" in keys and str((tmp_path / "elsewhere").resolve()) in keys
+    ledger.record(str(inside.resolve()), 20, status="done")  # the same entry, found again
+    assert ledger.load()["entries"]["./default/train"]["flops"] == 20

@@ -106,6 +106,18 @@ class Ledger:
         """FLOPS spent by all entries (but ``exclude``)."""
         return sum(int(e["flops"]) for k, e in self._read()["entries"].items() if k != exclude)
 
+    def key(self, key: str) -> str:
+        """An experiment's key as stored: a run directory inside the ledger's own directory is
+        kept relative to it (``./name/train``), so a committed sweep directory's ledger means the
+        same on every machine; other keys are kept as given."""
+        path = Path(key)
+        if not path.is_absolute():
+            return key
+        try:
+            return "./" + path.relative_to(self.path.parent.resolve()).as_posix()
+        except ValueError:
+            return key
+
     def plan(self, key: str, experiment: str, kind: str, planned_flops: int,
              flops_per_step: int | None = None, **info) -> dict:
         """Check that ``planned_flops`` more fit in the budget and register the experiment.
@@ -122,6 +134,7 @@ class Ledger:
         with self._locked() as data:  # checked again: another run may have spent meanwhile
             _refuse_over_budget(data, experiment, planned_flops, flops_per_step)
             entries = data["entries"]
+            key = self.key(key)
             entry = entries.get(key)
             if entry is None:
                 entry = entries[key] = {"experiment": experiment, "kind": kind, "flops": 0,
@@ -136,6 +149,7 @@ class Ledger:
                status: str = "running", **info) -> None:
         """Set the totals of an experiment so far (absolute values: idempotent on resume)."""
         with self._locked() as data:
+            key = self.key(key)
             entry = data["entries"].get(key)
             if entry is None:
                 raise QwenliteError(f"no experiment {key} in the ledger {self.path}")

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwenlite.cli import (ArgumentParser, add_data_arg, add_device_args, add_weights_arg,
-                          creatable_dir, existing_dir, main_guard, one_line_text, positive_float,
+from qwenlite.cli import (ArgumentParser, creatable_dir, main_guard, one_line_text, positive_float,
                           positive_int, resolve_device, resolve_weights, writable_file)
 from qwenlite.errors import QwenliteError
 
@@ -149,18 +148,14 @@ def diagnose(model, tok, settings, contexts, truth, time_axis, *, samples: int,
 
 
 def build_parser() -> ArgumentParser:
+    from qwenlite.evaluate import add_forecast_args
+
     parser = ArgumentParser(prog="python -m qwenlite.diagnose",
                             description="Teacher-forced NLL by digit position and free-running "
                                         "forecasts, with and without an adapter.")
-    add_weights_arg(parser)
-    add_data_arg(parser)
-    add_device_args(parser)
-    parser.add_argument("--adapter", type=existing_dir, metavar="RUN_DIR", required=True,
-                        help="a training run directory (its adapter, split and α are used)")
+    add_forecast_args(parser, adapter_required=True)
     parser.add_argument("--systems", type=positive_int, default=16,
                         help="the first N validation systems")
-    parser.add_argument("--context-steps", type=positive_int, default=80)
-    parser.add_argument("--horizon", type=positive_int, default=20)
     parser.add_argument("--samples", type=positive_int, default=5,
                         help="sampled forecasts per system for the median (1: greedy only)")
     parser.add_argument("--temperature", type=positive_float, default=0.7)

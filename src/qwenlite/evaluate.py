@@ -193,20 +193,27 @@ def plot(out_dir: Path, time_axis, contexts, truth, preds: dict, by_horizon: dic
     plt.close(fig)
 
 
+def add_forecast_args(parser: ArgumentParser, adapter_required: bool) -> None:
+    """Weights, data, device, ``--adapter`` and the forecast's context and horizon (shared by
+    ``evaluate`` and ``diagnose``)."""
+    add_weights_arg(parser)
+    add_data_arg(parser)
+    add_device_args(parser)
+    parser.add_argument("--adapter", type=existing_dir, metavar="RUN_DIR", default=None,
+                        required=adapter_required,
+                        help="a training run directory (its adapter, split and α are used)")
+    parser.add_argument("--context-steps", type=positive_int, default=80)
+    parser.add_argument("--horizon", type=positive_int, default=20)
+
+
 def build_parser() -> ArgumentParser:
     """The argument parser of ``python -m qwenlite.evaluate``."""
     parser = ArgumentParser(prog="python -m qwenlite.evaluate",
                             description="Forecast with Qwen2.5 (zero-shot or a LoRA adapter) and "
                                         "score against baselines.")
-    add_weights_arg(parser)
-    add_data_arg(parser)
-    add_device_args(parser)
-    parser.add_argument("--adapter", type=existing_dir, metavar="RUN_DIR", default=None,
-                        help="a training run directory (its adapter, split and α are used)")
+    add_forecast_args(parser, adapter_required=False)
     parser.add_argument("--split", choices=("val", "test"), default="val",
                         help="systems to evaluate (test only when asked for)")
-    parser.add_argument("--context-steps", type=positive_int, default=80)
-    parser.add_argument("--horizon", type=positive_int, default=20)
     parser.add_argument("--samples", type=positive_int, default=1,
                         help="forecasts per system; > 1 samples (median forecast and CRPS)")
     parser.add_argument("--temperature", type=nonnegative_float, default=None,

@@ -98,8 +98,8 @@ def _status(args) -> int:
           + (" (SHRUNK for a CPU)" if plan.scale.shrunk else ""))
     for e in plan.experiments:
         r = results.get(e.name)
-        mine = [v for k, v in entries.items() if Path(k).is_relative_to(
-            (Path(args.out) / e.name).resolve())]
+        prefix = ledger.key(str((Path(args.out) / e.name).resolve()))
+        mine = [v for k, v in entries.items() if k == prefix or k.startswith(prefix + "/")]
         flops = sum(int(v["flops"]) for v in mine)
         state = "done" if r else ("started" if mine else "pending")
         score = (f"val MAE {r['val']['mae']:.4f}" + (f"  val loss {r['val_loss']:.4f}"

@@ -354,7 +354,7 @@ def check_same_plan(plan: Plan, path: Path) -> None:
     if not path.is_file():
         return
     old = read_json_object(path, "sweep plan")
-    mine = plan.to_dict()
+    mine = json.loads(json.dumps(plan.to_dict()))  # tuples as the file holds them: lists
     for key in ("scale", "experiments"):
         if key == "scale":
             a, b = old.get("scale", {}), mine["scale"]

@@ -164,7 +164,10 @@ def _python(module: str, args: list[str], env: dict | None, log: Path | None) ->
 def _eval_done(ledger: Path, out_dir: Path) -> bool:
     if not ledger.is_file() or not (out_dir / "metrics.json").is_file():
         return False
-    entry = read_json_object(ledger, "ledger")["entries"].get(str(out_dir.resolve()))
+    from qwenlite.budget import Ledger
+
+    key = Ledger(ledger).key(str(out_dir.resolve()))
+    entry = read_json_object(ledger, "ledger")["entries"].get(key)
     return bool(entry) and entry.get("status") == "done"
 
 
