@@ -98,3 +98,13 @@ def test_keys_inside_the_ledgers_directory_are_stored_relative(tmp_path):
     assert "./default/train" in keys and str((tmp_path / "elsewhere").resolve()) in keys
     ledger.record(str(inside.resolve()), 20, status="done")  # the same entry, found again
     assert ledger.load()["entries"]["./default/train"]["flops"] == 20
+
+
+def test_planning_nothing_more_leaves_a_finished_entry_done(tmp_path):
+    """A finished run started again (e.g. by a resumed sweep) plans 0 FLOPS and stays done."""
+    ledger = Ledger(tmp_path / "ledger.json")
+    ledger.add("run", "a run", "train", 100)
+    ledger.plan("run", "a run", "train", 0)
+    assert ledger.load()["entries"]["run"]["status"] == "done"
+    ledger.plan("run", "a run", "train", 5)  # more work reopens it
+    assert ledger.load()["entries"]["run"]["status"] == "running"

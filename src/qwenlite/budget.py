@@ -141,7 +141,8 @@ class Ledger:
                                         "steps": 0, "tokens": 0, "created": _now()}
             entry.update(info)
             entry["planned"] = int(entry["flops"]) + int(planned_flops)
-            entry["status"] = "running"
+            if planned_flops or entry.get("status") != "done":  # nothing more: stays done
+                entry["status"] = "running"
             entry["updated"] = _now()
             return dict(entry)
 
