@@ -17,7 +17,7 @@ from conftest import ROOT, make_forecasting_setup, requires_tokenizer
 
 from qwenlite.budget import Ledger
 from qwenlite.data import simulate
-from qwenlite.experiments.plan import SCALES, build_plan, load_scale
+from qwenlite.experiments.plan import SCALES, build_plan
 from qwenlite.experiments.runner import make_choices
 from qwenlite.model.config import QwenConfig
 from qwenlite.sweep import main

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from qwenlite.cli import (ArgumentParser, add_data_arg, add_device_args, add_weights_arg,
                           creatable_dir, main_guard, nonnegative_int, one_line_text,
-                          positive_float, positive_int, resolve_weights, writable_file)
+                          positive_float, positive_int, resolve_weights)
 from qwenlite.errors import QwenliteError
 
 DEFAULT_OUT = Path("report") / "results"
@@ -93,7 +93,7 @@ def _status(args) -> int:
     plan, _, _ = _plan(args, weights_needed=False)
     results = load_results(Path(args.out), plan)
     ledger = Ledger(Path(args.out) / "ledger.json")
-    entries = ledger.load()["entries"] if (Path(args.out) / "ledger.json").is_file() else {}
+    entries = ledger.load()["entries"]  # empty, and nothing created, if there is none yet
     print(f"sweep {args.out}: {plan.scale.name} plan"
           + (" (SHRUNK for a CPU)" if plan.scale.shrunk else ""))
     for e in plan.experiments:
@@ -145,12 +145,11 @@ def _run(args) -> int:
     from qwenlite.budget import Ledger
     from qwenlite.experiments.plan import check_same_plan, save_plan
     from qwenlite.experiments.runner import Context, code_version, run_sweep
-    from qwenlite.experiments.slurm import stage_members
 
     plan, weights, data = _plan(args, weights_needed=True)
     only = args.only
     if args.stage is not None or args.index is not None:
-        members = stage_members(plan)
+        members = {stage: [e.name for e in exps] for stage, exps in plan.stages().items()}
         if args.stage not in members or args.index is None or args.index >= len(
                 members[args.stage]):
             raise QwenliteError(f"--stage/--index name no experiment: stages "

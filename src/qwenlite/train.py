@@ -91,6 +91,15 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def n_validations(upto: int, max_steps: int, eval_interval: int) -> int:
+    """Validations a run of ``max_steps`` has run by step ``upto``: before the first step (the
+    untrained reference), at every multiple of ``eval_interval`` (0: none), and at the end."""
+    n = 1 + (upto // eval_interval if eval_interval else 0)
+    if upto and upto == max_steps and (not eval_interval or upto % eval_interval):
+        n += 1
+    return n
+
+
 class Batches:
     """Deterministic batch order: a fresh seeded permutation of the windows every epoch, so the
     batch of any step can be recomputed from the step number alone (exact resumption)."""
@@ -199,13 +208,8 @@ class Trainer:
             self.settings.save(self.run_dir / "llmtime.json")
 
     def n_evals(self, upto: int) -> int:
-        """Validations run by step ``upto``: before the first step (the untrained reference), at
-        every multiple of eval_interval, and at the end."""
-        n = 1 + (upto // self.cfg.eval_interval if self.cfg.eval_interval else 0)
-        if upto and upto == self.cfg.max_steps and (not self.cfg.eval_interval
-                                                   or upto % self.cfg.eval_interval):
-            n += 1
-        return n
+        """Validations run by step ``upto`` (see :func:`n_validations`)."""
+        return n_validations(upto, self.cfg.max_steps, self.cfg.eval_interval)
 
     def flops_at(self, step: int, evals: int) -> int:
         return step * self.step_flops + evals * self.eval_flops
@@ -239,8 +243,9 @@ class Trainer:
     def save_state(self, step: int, evals: int) -> None:
         from qwenlite.lora import save_adapter
 
+        trained = {name for name, p in self.model.named_parameters() if p.requires_grad}
         lora = {k: v.detach().clone() for k, v in self.model.state_dict().items()
-                if ".lora_" in k or k == "lm_head.bias"}
+                if k in trained}
         _atomic_torch_save({"step": step, "evals": evals, "lora": lora,
                             "optimizer": self.optimizer.state_dict(),
                             "rng": torch.get_rng_state()}, self.run_dir / STATE)

@@ -143,15 +143,6 @@ def experiments(scale: Scale) -> list[Experiment]:
     return out
 
 
-def n_validations(max_steps: int, eval_interval: int) -> int:
-    """Validation-loss passes of a training run: before step 1, every ``eval_interval`` steps,
-    and at the end (as :class:`qwenlite.train.Trainer` runs them)."""
-    n = 1 + (max_steps // eval_interval if eval_interval else 0)
-    if max_steps and (not eval_interval or max_steps % eval_interval):
-        n += 1
-    return n
-
-
 @dataclass
 class Costs:
     """FLOPS and estimated hours of one experiment (at its worst case if not yet resolved)."""
@@ -206,6 +197,7 @@ def cost(exp: Experiment, scale: Scale, config, val_lengths, test_lengths,
     """What ``exp`` costs by the FLOPS module's own count, at its worst case. ``_evals`` caches
     the evaluation FLOPS, which depend only on whether the LM head has a bias."""
     from qwenlite.flops import counting_model, train_step_flops
+    from qwenlite.train import n_validations
 
     e = exp.worst_case(scale)
     train = 0
@@ -213,7 +205,7 @@ def cost(exp: Experiment, scale: Scale, config, val_lengths, test_lengths,
         model = counting_model(config, e.rank or None, logit_bias=bool(e.logit_bias))
         step = train_step_flops(model, e.context, e.batch).rule
         val = model.flops(e.context, loss=True).total() * scale.eval_windows
-        train = e.steps * step + n_validations(e.steps, scale.eval_interval) * val
+        train = e.steps * step + n_validations(e.steps, e.steps, scale.eval_interval) * val
     _evals = {} if _evals is None else _evals
     bias = bool(e.logit_bias)
     if bias not in _evals:
@@ -235,6 +227,14 @@ class Plan:
     budget: float
     data: str = ""
     extra: dict = field(default_factory=dict)
+
+    def stages(self) -> dict[str, list[Experiment]]:
+        """The experiments by stage, in running order; the default run is one of the grid's
+        cells, so it belongs to the ``grid`` stage."""
+        out: dict[str, list[Experiment]] = {}
+        for e in self.experiments:
+            out.setdefault("grid" if e.stage == "default" else e.stage, []).append(e)
+        return out
 
     @property
     def total_flops(self) -> int:

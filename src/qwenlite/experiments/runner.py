@@ -16,6 +16,7 @@ validation scores; the test split is scored for ``zeroshot`` and ``final`` alone
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -87,22 +88,21 @@ def make_choices(plan: Plan, results: dict[str, dict]) -> dict:
 
     A stage whose candidates are not all done yet is left out.
     """
-    by_stage: dict[str, list[Experiment]] = {}
-    for e in plan.experiments:
-        by_stage.setdefault(e.stage, []).append(e)
+    by_stage = plan.stages()
     choices: dict = {"metric": f"mean MAE over {plan.scale.val_systems} validation systems, "
                                f"{plan.scale.context_steps} -> {plan.scale.horizon} steps "
                                "(validation loss breaks ties)", "stages": {}}
-    grid = by_stage.get("default", []) + by_stage.get("grid", [])
+    grid = by_stage.get("grid", [])
     if not grid or any(e.name not in results for e in grid):
         return choices
     rows = [_row(results[e.name]) for e in grid]
     best = _pick(rows)
     settings = {"lr": best["lr"], "rank": best["rank"]}
-    choices["stages"]["grid"] = {"candidates": rows, "chosen": best["name"], "sets": settings}
+    choices["stages"]["grid"] = {"candidates": rows, "chosen": best["name"],
+                                 "sets": dict(settings)}
     context = by_stage.get("context", [])
     if context and all(e.name in results for e in context):
-        rows = [dict(_row(results[e.name])) for e in context] + [best]
+        rows = [_row(results[e.name]) for e in context] + [best]
         pick = _pick(rows)
         choices["stages"]["context"] = {"candidates": rows, "chosen": pick["name"],
                                         "sets": {"context": pick["context"]}}
@@ -153,21 +153,22 @@ class Context:
 
 def _python(module: str, args: list[str], env: dict | None, log: Path | None) -> None:
     cmd = [sys.executable, "-m", f"qwenlite.{module}", *args]
-    with open(log, "a") if log else open(os.devnull, "w") as sink:
-        out = sink if log else None
-        proc = subprocess.run(cmd, env=env, stdout=out, stderr=out if log else None)
+    with open(log, "a") if log else contextlib.nullcontext() as sink:  # None: the terminal
+        proc = subprocess.run(cmd, env=env, stdout=sink, stderr=sink)
     if proc.returncode:
         where = f"; see {log}" if log else ""
         raise QwenliteError(f"{' '.join(cmd[2:4])} failed with status {proc.returncode}{where}")
 
 
 def _eval_done(ledger: Path, out_dir: Path) -> bool:
-    if not ledger.is_file() or not (out_dir / "metrics.json").is_file():
-        return False
+    """Whether the evaluation into ``out_dir`` finished: its metrics written and its ledger
+    entry closed."""
     from qwenlite.budget import Ledger
 
-    key = Ledger(ledger).key(str(out_dir.resolve()))
-    entry = read_json_object(ledger, "ledger")["entries"].get(key)
+    if not (out_dir / "metrics.json").is_file():
+        return False
+    book = Ledger(ledger)
+    entry = book.load()["entries"].get(book.key(str(out_dir.resolve())))
     return bool(entry) and entry.get("status") == "done"
 
 
@@ -238,15 +239,11 @@ def write_choices(ctx: Context, results: dict[str, dict]) -> dict:
     return choices
 
 
-def run_sweep(ctx: Context, *, jobs: int = 1, only: list[str] | None = None,
-              devices: list[str] | None = None) -> dict[str, dict]:
+def run_sweep(ctx: Context, *, jobs: int = 1, only: list[str] | None = None) -> dict[str, dict]:
     """Run every experiment not done yet, stage by stage (``jobs`` at once within a stage,
     each on its own device slot: ``CUDA_VISIBLE_DEVICES``), choosing as each stage completes."""
-    stages: dict[str, list[Experiment]] = {}
-    for e in ctx.plan.experiments:  # the default run is one of the grid's cells
-        stages.setdefault("grid" if e.stage == "default" else e.stage, []).append(e)
     results = load_results(ctx.out, ctx.plan)
-    for group in stages.values():
+    for group in ctx.plan.stages().values():
         todo = [e for e in group if e.name not in results and (not only or e.name in only)]
         if not todo:
             continue
@@ -256,11 +253,9 @@ def run_sweep(ctx: Context, *, jobs: int = 1, only: list[str] | None = None,
             for e in todo:
                 results[e.name] = run_experiment(ctx, e)
         else:
-            slots = devices or [str(i) for i in range(jobs)]
-
             def work(item):
                 i, e = item
-                env = dict(os.environ, CUDA_VISIBLE_DEVICES=slots[i % len(slots)])
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i % jobs))
                 return run_experiment(ctx, e, env, ctx.out / e.name / "log.txt")
 
             with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -14,14 +14,6 @@ DEPENDS = {"zeroshot": (), "grid": (), "context": ("grid",), "control": ("grid",
            "final": ("context", "control")}
 
 
-def stage_members(plan: Plan) -> dict[str, list[str]]:
-    """Experiment names by stage (the default run counts as a grid cell)."""
-    out: dict[str, list[str]] = {}
-    for e in plan.experiments:
-        out.setdefault("grid" if e.stage == "default" else e.stage, []).append(e.name)
-    return out
-
-
 def _hhmm(hours: float) -> str:
     minutes = max(15, math.ceil(hours * 60 * 1.5))  # 50% headroom over the estimate
     return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
@@ -29,7 +21,7 @@ def _hhmm(hours: float) -> str:
 
 def slurm_script(plan: Plan, run_args: list[str], partition: str | None = None) -> str:
     """The submission script: ``bash`` it on a login node to queue every stage."""
-    members = stage_members(plan)
+    members = {stage: [e.name for e in exps] for stage, exps in plan.stages().items()}
     hours = {e.name: plan.costs[e.name].hours for e in plan.experiments}
     lines = ["#!/bin/bash",
              f"# qwenlite sweep, {plan.scale.name} plan ({len(plan.experiments)} experiments, "
