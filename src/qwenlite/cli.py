@@ -49,6 +49,7 @@ COMMANDS = {
     "download": "fetch a checkpoint from the hub",
     "diagnose": "why a model forecasts as it does (NLL by digit, greedy vs sampled)",
     "sweep": "the coursework's experiments: plan | run | status",
+    "report": "regenerate the report's tables, figures and numbers (--pdf: main.pdf)",
 }
 
 DEFAULT_REPO = "Qwen/Qwen2.5-0.5B-Instruct"

@@ -27,6 +27,9 @@ LRS = (1e-5, 5e-5, 1e-4)
 RANKS = (2, 4, 8)
 CONTEXTS = (128, 512, 768)
 DEFAULT = {"lr": 1e-5, "rank": 4, "context": 512, "batch": 4}
+#: the coursework's steps per experiment (grid, context study, final): 9 x 10k + 3 x 2k + 30k
+#: steps do not fit 1e17 FLOPS, so each scale sets its own
+COURSEWORK_STEPS = {"grid": 10_000, "context": 2_000, "final": 30_000}
 FORECAST_TOKENS = 13  # digits, ".", ",", ";": the LM-head rows a forecast step computes
 
 
