@@ -1,0 +1,80 @@
+"""python -m qwenlite.report: the hand-typed-number check, the word count, the FLOPS table
+against the ledgers, and the whole report regenerated from the committed results."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from conftest import ROOT, SHARED, TOKENIZER_JSON
+
+from qwenlite.errors import QwenliteError
+from qwenlite.experiments.collect import load_sweep
+from qwenlite.experiments.latex import hand_typed_numbers, word_count
+from qwenlite.report import check_tex, generate
+
+DATA = SHARED / "data" / "lotka_volterra_data.h5"
+RESULTS = ROOT / "report" / "results"
+
+
+def test_hand_typed_numbers_are_found_and_generated_ones_pass():
+    assert hand_typed_numbers(r"MAE \R{x.zeroshot.valmae} of Qwen2.5-0.5B in fp32") == []
+    assert hand_typed_numbers(r"MAE 0.323 on 20 systems") == ["0.323", "20"]
+    assert hand_typed_numbers(r"costs $mp(2n-1)$, $10$ for exp") == []  # formula constants
+    assert hand_typed_numbers(r"loss $0.68$ and $512$") == ["0.68", "512"]
+    assert hand_typed_numbers("% a comment with 42\n\\label{sec:3} text") == []
+    assert hand_typed_numbers(r"\IfDone{final}{reached 0.19}{\R{a}}") == ["0.19"]
+
+
+def test_word_count_skips_floats_captions_math_and_commands():
+    tex = (r"\begin{document}\section{Intro} One two \emph{three} $x^2$ \R{k}."
+           r"\begin{table}ignored words here\end{table}"
+           r"\begin{figure}\caption{not {counted} either}\end{figure}\end{document}")
+    assert word_count(tex) == 5  # Intro, One, two, three, one macro
+
+
+def test_check_tex_refuses_typed_numbers_unknown_keys_and_long_text():
+    body = "\\begin{document}%s\\end{document}"
+    with pytest.raises(QwenliteError, match="by hand"):
+        check_tex(body % "MAE 0.31", set())
+    with pytest.raises(QwenliteError, match="nothing generates: nokey"):
+        check_tex(body % r"MAE \R{nokey}", {"other"})
+    with pytest.raises(QwenliteError, match="over 3"):
+        check_tex(body % "a b c d", set(), max_words=3)
+    assert check_tex(body % r"MAE \R{k}", {"k"}) == 2
+
+
+def test_flops_table_rows_sum_to_the_ledgers():
+    sweep = load_sweep(RESULTS)
+    rows = sweep.ledger_rows()
+    assert sum(r.total for r in rows) == sweep.ledger_total() > 0
+    assert {r.source for r in rows} >= {"sweep", "diagnosis"}
+
+
+@pytest.mark.skipif(not (DATA.is_file() and TOKENIZER_JSON.is_file()),
+                    reason="needs ../shared's dataset and tokenizer")
+def test_report_regenerates_from_the_committed_results(tmp_path):
+    from qwenlite.tokenizer import Tokenizer
+
+    out = tmp_path / "generated"
+    info = generate(RESULTS, out, DATA, Tokenizer(TOKENIZER_JSON), ROOT / "report" / "main.tex")
+    assert info["words"] <= 3000 and info["figures"] == 7
+    for name in ("numbers.tex", "table-flops.tex", "table-experiments.tex", "loss_curves.pdf",
+                 "grid_heatmap.png", "forecasts.pdf", "horizon.pdf", "diagnosis.pdf"):
+        assert (out / name).is_file(), name
+    numbers = (out / "numbers.tex").read_text()
+    sweep = load_sweep(RESULTS)
+    zs = sweep.results["zeroshot"]["val"]["mae"]
+    assert rf"\qwl@def{{x.zeroshot.valmae}}{{{zs:.3f}}}" in numbers
+    # every key main.tex reads is generated
+    used = set(re.findall(r"\\R\{([^{}]*)\}", (ROOT / "report" / "main.tex").read_text()))
+    defined = set(re.findall(r"\\qwl@def\{([^{}]*)\}", numbers))
+    assert used - {"key"} <= defined
+    # a failed regeneration leaves the previous output as it was
+    before = sorted(p.name for p in out.iterdir())
+    bad = tmp_path / "bad.tex"
+    bad.write_text("\\begin{document}typed 0.5\\end{document}")
+    with pytest.raises(QwenliteError):
+        generate(RESULTS, out, DATA, Tokenizer(TOKENIZER_JSON), bad)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("generated.")]
