@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from qwenlite.budget import Ledger
 from qwenlite.errors import QwenliteError
+from qwenlite.experiments.runner import CHOICES, read_result
 from qwenlite.io import read_json_object
 
-PLAN, LEDGER, CHOICES, RESULT = "plan.json", "ledger.json", "choices.json", "result.json"
+PLAN, LEDGER = "plan.json", "ledger.json"
 
 
 @dataclasses.dataclass
@@ -57,6 +59,11 @@ class Sweep:
 
     def done(self, name: str) -> bool:
         return name in self.results
+
+    def best_trained(self) -> str | None:
+        """The finished fine-tuned experiment with the lowest validation MAE (None yet)."""
+        trained = [n for n in self.results if self.planned(n)["steps"]]
+        return min(trained, key=lambda n: self.results[n]["val"]["mae"], default=None)
 
     def curve(self, name: str) -> list[dict]:
         """The training run's ``metrics.jsonl`` records (empty for an untrained experiment)."""
@@ -114,18 +121,14 @@ def load_sweep(root: str | Path) -> Sweep:
         raise QwenliteError(f"{root} holds no sweep ({PLAN} missing): run python -m "
                             "qwenlite.sweep run first, or pass --results DIR")
     plan = read_json_object(root / PLAN, "sweep plan")
-    results = {}
-    for e in plan["experiments"]:
-        path = root / e["name"] / RESULT
-        if path.is_file():
-            results[e["name"]] = read_json_object(path, "experiment result")
+    results = {e["name"]: r for e in plan["experiments"]
+               if (r := read_result(root, e["name"])) is not None}
     choices = read_json_object(root / CHOICES, "choices") if (root / CHOICES).is_file() else {}
-    ledgers = {"sweep": read_json_object(root / LEDGER, "FLOPS ledger")} \
-        if (root / LEDGER).is_file() else {}
+    ledgers = {"sweep": Ledger(root / LEDGER).load()} if (root / LEDGER).is_file() else {}
     names = {e["name"] for e in plan["experiments"]}
     extra = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in names):
         if (sub / LEDGER).is_file():
-            ledgers[sub.name] = read_json_object(sub / LEDGER, "FLOPS ledger")
+            ledgers[sub.name] = Ledger(sub / LEDGER).load()
             extra[sub.name] = sub
     return Sweep(root, plan, results, choices, ledgers, extra)

@@ -14,10 +14,10 @@ import numpy as np
 from qwenlite.experiments.collect import Sweep
 
 VARIABLES = ("prey", "predator")
-STYLE = {"zeroshot": ("0.35", "-"), "persistence": ("tab:gray", ":"),
+STYLE = {"qwen": ("tab:orange", "-"), "persistence": ("tab:gray", ":"),
          "linear": ("tab:olive", ":"), "lv_ode": ("tab:green", "--")}
 LABEL = {"lv_ode": "fitted LV ODE", "persistence": "persistence", "linear": "linear trend",
-         "zeroshot": "zero-shot"}
+         "qwen": "zero-shot"}
 
 
 def _plt():
@@ -33,7 +33,7 @@ def _plt():
 
 def _save(fig, out: Path, name: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / f"{name}.pdf")
+    fig.savefig(out / f"{name}.pdf", metadata={"CreationDate": None})  # same input, same file
     fig.savefig(out / f"{name}.png", dpi=150)
     import matplotlib.pyplot as plt
 
@@ -154,9 +154,7 @@ def _model_and_split(sweep: Sweep) -> tuple[str | None, str]:
     until it exists, the best finished experiment on the validation split."""
     if sweep.done("final"):
         return "final", "test"
-    trained = [n for n in sweep.results if sweep.planned(n)["steps"]]
-    best = min(trained, key=lambda n: sweep.results[n]["val"]["mae"], default=None)
-    return best, "val"
+    return sweep.best_trained(), "val"
 
 
 def shown_systems(pred: dict[str, np.ndarray], n_show: int) -> list[int]:
@@ -191,9 +189,9 @@ def forecasts(sweep: Sweep, out: Path, n_show: int = 3) -> str:
                 c, ls = STYLE[key]
                 ax.plot(t[k:], base[f"pred_{key}"][row, :, v], color=c, ls=ls, lw=1,
                         label=LABEL[key])
-            c, ls = STYLE["zeroshot"]
-            ax.plot(t[k:], base["pred_qwen"][row, :, v], color="tab:orange", lw=1.2,
-                    label="zero-shot")
+            c, ls = STYLE["qwen"]
+            ax.plot(t[k:], base["pred_qwen"][row, :, v], color=c, ls=ls, lw=1.2,
+                    label=LABEL["qwen"])
             if tuned is not None:
                 ax.plot(t[k:], tuned["pred_qwen"][row, :, v], color="tab:blue", lw=1.2,
                         label=model)
@@ -216,9 +214,9 @@ def horizon(sweep: Sweep, out: Path) -> str:
         _pending(ax)
         return _save(fig, out, "horizon")
     for key, r in zs["results"].items():
-        c, ls = STYLE.get(key, ("tab:orange", "-")) if key != "qwen" else ("tab:orange", "-")
+        c, ls = STYLE[key]
         ax.plot(np.arange(1, len(r["by_horizon"]["mae"]) + 1), r["by_horizon"]["mae"], color=c,
-                ls=ls, lw=1, label="zero-shot" if key == "qwen" else LABEL.get(key, key))
+                ls=ls, lw=1, label=LABEL[key])
     tuned = sweep.evaluation(model, split) if model else None
     if tuned is not None:
         mae = tuned["results"]["qwen"]["by_horizon"]["mae"]

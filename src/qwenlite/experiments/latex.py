@@ -55,6 +55,11 @@ def fixed(x: float | None, digits: int = 3) -> str:
     return "---" if x is None else f"{x:.{digits}f}"
 
 
+def thousands(x: int) -> str:
+    """``494032768`` -> ``494{,}032{,}768`` (LaTeX's math-safe thousands separator)."""
+    return f"{x:,}".replace(",", "{,}")
+
+
 def pct(x: float, digits: int = 2) -> str:
     return rf"{100 * x:.{digits}f}\%"
 

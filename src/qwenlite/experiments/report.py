@@ -22,7 +22,8 @@ import numpy as np
 from qwenlite.errors import QwenliteError
 from qwenlite.experiments import figures
 from qwenlite.experiments.collect import Sweep
-from qwenlite.experiments.latex import Numbers, fixed, lr_tex, pct, sci, tabular, tex_escape
+from qwenlite.experiments.latex import (Numbers, fixed, lr_tex, pct, sci, tabular, tex_escape,
+                                        thousands)
 
 PENDING = r"\textit{pending}"
 BUDGET = 1e17
@@ -155,7 +156,7 @@ def plan_numbers(n: Numbers, sweep: Sweep, full_plan) -> None:
         lr_tex(DEFAULT["lr"]), DEFAULT["rank"], DEFAULT["context"])
     n["default.batch"] = DEFAULT["batch"]
     for stage, steps in COURSEWORK_STEPS.items():
-        n[f"coursework.{stage}steps"] = f"{steps:,}".replace(",", "{,}")
+        n[f"coursework.{stage}steps"] = thousands(steps)
     n["plan.total"] = sci(sweep.plan["total_flops"])
     n["plan.share"] = pct(sweep.plan["total_flops"] / BUDGET, 1)
     n["plan.hours"] = f"{sweep.plan['total_hours']:.1f}"
@@ -184,8 +185,8 @@ def choice_numbers(n: Numbers, sweep: Sweep) -> None:
         if stage in stages:
             n.mark_done("stage-" + stage)
     trained = [x for x in sweep.results if sweep.planned(x)["steps"]]
-    if trained:
-        best = min(trained, key=lambda x: sweep.results[x]["val"]["mae"])
+    best = sweep.best_trained()
+    if best is not None:
         n["best.name"] = tex_escape(best)
         n["best.valmae"] = fixed(sweep.results[best]["val"]["mae"])
         n["best.valmedian"] = fixed(sweep.results[best]["val"]["median_system_mae"])
@@ -256,8 +257,6 @@ def llmtime_examples(n: Numbers, trajectories: np.ndarray, train_idx, settings, 
                       rf"\texttt{{{raw}}} \\" "\n"
                       rf" & LLMTIME text & \texttt{{{tex_escape(text)}}} \\" "\n"
                       rf" & token ids & \texttt{{{' '.join(map(str, ids))}}} \\")
-    full = encode(trajectories[train_idx[0]], settings)
-    n["llmtime.tokensperstep"] = f"{len(tokenizer.encode(full)) / trajectories.shape[1]:.1f}"
     return ("\\begin{tabular}{llp{0.62\\linewidth}}\n\\toprule\n"
             + "\n\\midrule\n".join(blocks) + "\n\\bottomrule\n\\end{tabular}\n")
 
@@ -318,16 +317,18 @@ def training_numbers(n: Numbers, config, trajectories: np.ndarray, train_idx, se
     from qwenlite.flops import counting_model
     from qwenlite.preprocessor import encode
 
-    n["params.total"] = f"{config.n_params:,}".replace(",", "{,}")
+    n["params.total"] = thousands(config.n_params)
     for r in ranks:
         model = counting_model(config, r)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n[f"params.lora{r}"] = f"{trainable:,}".replace(",", "{,}")
+        n[f"params.lora{r}"] = thousands(trainable)
         n[f"params.lora{r}.share"] = pct(trainable / config.n_params, 3)
-    n["params.bias"] = f"{config.vocab_size:,}".replace(",", "{,}")
+    n["params.bias"] = thousands(config.vocab_size)
     seqs = tokenizer.encode_batch([encode(trajectories[i], settings) for i in train_idx])
     n["train.systems"] = len(train_idx)
-    n["train.tokens"] = f"{sum(map(len, seqs)):,}".replace(",", "{,}")
+    tokens = sum(map(len, seqs))
+    n["train.tokens"] = thousands(tokens)
+    n["llmtime.tokensperstep"] = f"{tokens / (len(train_idx) * trajectories.shape[1]):.1f}"
     for c in contexts:
         windows = make_training_windows(seqs, c, max(c // 2, 1)).input_ids.shape[0]
-        n[f"train.windows{c}"] = f"{windows:,}".replace(",", "{,}")
+        n[f"train.windows{c}"] = thousands(windows)
