@@ -56,9 +56,9 @@ def test_linear_is_exact_on_lines():
 def test_linear_uses_only_the_window_and_clips_populations():
     ctx = np.r_[np.full(10, 50.0), 5.0 - np.arange(5.0)][:, None]  # a fall over the last 5
     np.testing.assert_allclose(linear(ctx, 3)[:, 0], [0.0, 0.0, 0.0])  # 0, -1, -2 clipped
-    np.testing.assert_allclose(linear(ctx, 3, clip=False)[:, 0], [0.0, -1.0, -2.0])
+    np.testing.assert_allclose(linear(ctx, 3, clip=False)[:, 0], [0.0, -1.0, -2.0], atol=1e-12)
     signed = np.r_[-1.0, 5.0 - np.arange(5.0)][:, None]  # negative values: not a population
-    np.testing.assert_allclose(linear(signed, 2, window=5)[:, 0], [0.0, -1.0])
+    np.testing.assert_allclose(linear(signed, 2, window=5)[:, 0], [0.0, -1.0], atol=1e-12)
     np.testing.assert_allclose(linear(ctx, 3, window=2)[:, 0], 0.0, atol=1e-12)
     with pytest.raises(QwenliteError):
         linear(ctx, 3, window=1)
