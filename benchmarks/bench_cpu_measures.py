@@ -3,15 +3,15 @@
     python benchmarks/bench_cpu_measures.py decode-matmuls [--rows 8]
         All of a Qwen2.5-0.5B decode step's matmuls (24 layers' seven projections and the LM head,
         random weights of the real shapes, cold cache) for a few rows: x·Wᵀ, W·xᵀ, oneDNN with
-        prepacked weights (``qwenlite.model.kernels``' decode path where the decode kernel is not
-        built) and the decode kernel (``qwenlite.model.skinny``) over fp32 and over bf16 weights.
+        prepacked weights (``qwenlite.accel.packing``' decode path where the decode kernel is not
+        built) and the decode kernel (``qwenlite.accel.skinny``) over fp32 and over bf16 weights.
     QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py prefill [--prompts 8]
             [--prompt-steps 80] [--dtype fp32]
         Prefill of LLMTIME prompts (8 of 800-867 tokens by default): one padded, masked batch
         against one prompt at a time at its own length (``qwenlite.generate`` on a CPU).
     python benchmarks/bench_cpu_measures.py malloc
         Elementwise work on fresh large tensors, with glibc malloc as it is and keeping freed
-        memory (``qwenlite.model.memory``), each in its own process; with page-fault counts.
+        memory (``qwenlite.accel.memory``), each in its own process; with page-fault counts.
     python benchmarks/bench_cpu_measures.py decode-bound
         What bounds a decode step's matmuls: reading all of the step's weights (``sum``) against
         oneDNN's prepacked matmul for 8 rows on 2 threads and on 1, and the prepacked matmul's
@@ -19,19 +19,19 @@
     QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py decode-step [--dtype bf16]
             [--rows 8] [--cached 250] [--repeats 15]
         The model's decode step with each of its choices turned off in turn, in alternating
-        rounds: the decode kernel (``qwenlite.model.skinny``; off, the matmuls run through
+        rounds: the decode kernel (``qwenlite.accel.skinny``; off, the matmuls run through
         oneDNN's prepacked weights and attention through SDPA), its attention alone, q/k/v and
-        gate/up as one call each (``qwenlite.model.kernels.linears``: one kernel call, or one
+        gate/up as one call each (``qwenlite.accel.kernels.linears``: one kernel call, or one
         matmul over stacked prepacked weights), SDPA over each KV head's stacked query heads
         (``kernels._decode_attention``, else two matmuls), and for an emulated bf16 model the KV
         cache qwenlite keeps (bf16 with the kernel; fp32 holding bf16 values without it,
         ``KVCache(widen_bf16=True)``).
     python benchmarks/bench_cpu_measures.py decode-attention [--rows 8] [--cached 900]
         One decode step's attention over 24 layers' KV caches (14 query heads over 2 KV heads,
-        left-padding mask): torch's SDPA with GQA against ``qwenlite.model.kernels.
+        left-padding mask): torch's SDPA with GQA against ``qwenlite.accel.kernels.
         _decode_attention`` (one SDPA over each KV head's stacked query heads, the way without
         the decode kernel), two batched matmuls (qwenlite's way before) and the decode kernel
-        (``qwenlite.model.skinny.attention``) over fp32 and bf16 caches, and what widening a bf16
+        (``qwenlite.accel.skinny.attention``) over fp32 and bf16 caches, and what widening a bf16
         cache to fp32 costs (emulated bf16 attention through SDPA on a cache kept in bf16, which
         qwenlite's KV cache avoids by holding bf16 values in fp32).
 """
@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from common import llmtime_prompts, machine, timed, weights_from_args
 
-from qwenlite.model.kernels import _pack, _packed_linear  # oneDNN's prepack and linear
+from qwenlite.accel.packing import pack as _pack  # oneDNN's prepack and linear
+from qwenlite.accel.packing import packed_linear as _packed_linear
 
 SHAPES = {"q": (896, 896), "k": (128, 896), "v": (128, 896), "o": (896, 896),
           "gate": (4864, 896), "up": (4864, 896), "down": (896, 4864)}
@@ -70,7 +71,7 @@ def decode_matmuls(rows: int, repeats: int) -> None:
     }
     x = torch.randn(rows, 896)
     err = (ways["oneDNN prepacked"](x, 4) - F.linear(x, weights[4])).abs().max().item()
-    from qwenlite.model import skinny
+    from qwenlite.accel import skinny
 
     if skinny.enabled() and rows <= skinny.MAX_ROWS:
         halves = [w.to(torch.bfloat16) for w in weights]
@@ -150,16 +151,19 @@ def _two_matmul_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=F
 def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> None:
     import statistics
 
-    from qwenlite.model import kernels, load_model, skinny
+    from qwenlite.accel import apply, emulation, kernels, settings, skinny
+    from qwenlite.accel.modules import WideKVCache
+    from qwenlite.model import load_model
     from qwenlite.model.attention import KVCache
 
-    model = load_model(weights, dtype=dtype)
+    model = apply(load_model(weights, dtype=dtype))
     c = model.config
     gen = torch.Generator().manual_seed(0)
     caches = {}
     for widen in (False, True):
-        caches[widen] = KVCache(c.num_hidden_layers, rows, c.num_key_value_heads, cached + 200,
-                                c.head_dim, model.dtype, "cpu", widen_bf16=widen)
+        kind = WideKVCache if widen and model.dtype == torch.bfloat16 else KVCache
+        caches[widen] = kind(c.num_hidden_layers, rows, c.num_key_value_heads, cached + 200,
+                             c.head_dim, model.dtype, "cpu")
         caches[widen].k.normal_(generator=gen)
         caches[widen].v.normal_(generator=gen)
     tokens = torch.randint(100, 5000, (rows, 1), generator=gen)
@@ -170,7 +174,7 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
         return [layer(x) for layer in layers]
     # (decode kernel, its attention, projections sharing an input in one call, SDPA over stacked
     # query heads (else two matmuls), a bf16 cache widened to fp32)
-    bf16 = model.dtype == torch.bfloat16 and kernels.bf16_matmul_mode() == "emulate"
+    bf16 = model.dtype == torch.bfloat16 and emulation.bf16_matmul_mode() == "emulate"
     ways = {"all (qwenlite)": (True, True, True, True, False),
             "kernel's attention off (SDPA)": (True, False, True, True, False),
             "projections one by one": (True, True, False, True, False),
@@ -184,10 +188,11 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
         print(f"({skinny.status()}: its ways are left out)")
         ways = {way: flags for way, flags in ways.items() if not flags[0]}
     position = [cached]
-    env = os.environ.get(skinny.ENV)
+    switches = settings.current()
+    kernel_on = switches.decode_kernel
 
     def step(kernel, attention, stack, attend, widen):
-        os.environ[skinny.ENV] = "1" if kernel else "0"
+        switches.decode_kernel = kernel
         kernels._attention_kernel = kernel_attention if attention else (lambda *a, **k: None)
         kernels.linears = stacked if stack else one_by_one
         kernels._decode_attention = sdpa if attend else _two_matmul_attention
@@ -213,22 +218,20 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
     finally:
         kernels.linears, kernels._decode_attention = stacked, sdpa
         kernels._attention_kernel = kernel_attention
-        if env is None:
-            os.environ.pop(skinny.ENV, None)
-        else:
-            os.environ[skinny.ENV] = env
+        switches.decode_kernel = kernel_on
     for way, ts in times.items():
         print(f"  {way:34s} median {1e3 * statistics.median(ts):6.1f} ms  "
               f"best {1e3 * min(ts):6.1f} ms")
 
 
 def prefill(weights, data, repeats: int, n_prompts: int, steps: int, dtype: str) -> None:
+    from qwenlite.accel import apply
     from qwenlite.generate import generate
     from qwenlite.model import load_model
     from qwenlite.tokenizer import Tokenizer
 
     prompts = llmtime_prompts(Tokenizer(weights), n_prompts, steps, data)
-    model = load_model(weights, dtype=dtype)
+    model = apply(load_model(weights, dtype=dtype))
     print(f"{machine()}; checkpoint {weights}; {dtype}; {n_prompts} prompts of "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens")
     generate(model, prompts, 1, eos_token_id=[])  # warm-up
@@ -243,7 +246,7 @@ def prefill(weights, data, repeats: int, n_prompts: int, steps: int, dtype: str)
 
 MALLOC_PROBE = """
 import json, resource, time, torch, torch.nn.functional as F
-from qwenlite.model.memory import keep_freed_memory
+from qwenlite.accel.memory import keep_freed_memory
 tuned = keep_freed_memory()
 a, b = torch.randn(4, 512, 4864), torch.randn(4, 512, 4864)
 logits = torch.randn(256, 151936)
@@ -274,8 +277,8 @@ def malloc() -> None:
 
 
 def decode_attention(rows: int, cached: int, repeats: int) -> None:
-    from qwenlite.model.kernels import _decode_attention
-    from qwenlite.model.memory import keep_freed_memory
+    from qwenlite.accel.kernels import _decode_attention
+    from qwenlite.accel.memory import keep_freed_memory
 
     keep_freed_memory()  # as load_model sets it: fresh 1-4 MB results would fault in page by page
 
@@ -292,7 +295,7 @@ def decode_attention(rows: int, cached: int, repeats: int) -> None:
         "_decode_attention": lambda k, v: _decode_attention(q, k, v, attn_mask=mask),
         "two matmuls": lambda k, v: _two_matmul_attention(q, k, v, attn_mask=mask),
     }
-    from qwenlite.model import skinny
+    from qwenlite.accel import skinny
 
     bf16_caches = [(k.bfloat16(), v.bfloat16()) for k, v in caches]
     kernel = skinny.enabled()

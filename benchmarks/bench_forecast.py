@@ -22,6 +22,7 @@ from common import DTYPES, ROOT, fmt_table, free_memory, left_pad, machine, weig
 
 from qwenlite.data import load_dataset, resolve_data
 from qwenlite.evaluate import forecast_token_ids, llm_forecast, max_tokens_for
+from qwenlite.accel import apply
 from qwenlite.model import load_model
 from qwenlite.preprocessor import LLMTimeSettings, decode, encode, fit_alpha
 from qwenlite.tokenizer import Tokenizer
@@ -91,7 +92,7 @@ def main() -> None:
     job = args.systems * args.horizon
     for name in args.dtypes:
         dtype = DTYPES[name]
-        model = load_model(weights, dtype=dtype)
+        model = apply(load_model(weights, dtype=dtype))
         llm_forecast(model, tok, settings, contexts[:2, :8], 2, progress=False)  # warm-up
         ours = llm_forecast(model, tok, settings, contexts, args.horizon, batch=args.systems,
                             progress=False)

@@ -10,7 +10,7 @@ convention: an (m×n)(n×p) matmul is m·p·(2n−1)).
     python benchmarks/bench_inference.py --weights DIR --dtypes bf16 --prompts 8 --new-tokens 100
 
 Both implementations run in this one process, loaded side by side, so they share its malloc
-setting (``--malloc``; by default the one qwenlite makes, ``qwenlite.model.memory``). After a
+setting (``--malloc``; by default the one qwenlite makes, ``qwenlite.accel.memory``). After a
 warm-up each, they are timed in alternating rounds (``--repeats``) and each phase's best round is
 kept: on a shared machine one implementation's single run can land in a slow spell (single runs
 of the same code measured a prefill ratio from 0.95× to 1.25× here). transformers' decode is
@@ -32,6 +32,7 @@ from common import (DTYPES, fmt_table, free_memory, left_pad, llmtime_prompts, m
                     describe_rates, matmul_rates, peak_rss_gb, timed, weights_from_args, write_results)
 
 from qwenlite.generate import generate
+from qwenlite.accel import apply
 from qwenlite.model import load_model
 from qwenlite.tokenizer import Tokenizer
 
@@ -40,7 +41,7 @@ class Qwenlite:
     name = "qwenlite"
 
     def __init__(self, weights, dtype, prompts, new_tokens, fwd_ids, pad_id):
-        self.model = load_model(weights, dtype=dtype)
+        self.model = apply(load_model(weights, dtype=dtype))
         self.prompts, self.new_tokens, self.fwd_ids = prompts, new_tokens, fwd_ids
 
     def warm_up(self):
@@ -156,7 +157,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--malloc", choices=["keep", "system"], default="keep",
                         help="glibc malloc for the whole run, both implementations: keep freed "
-                             "memory (qwenlite's setting, qwenlite.model.memory) or as it is")
+                             "memory (qwenlite's setting, qwenlite.accel.memory) or as it is")
     args = parser.parse_args()
     os.environ["QWENLITE_MALLOC"] = args.malloc
     if args.threads:
@@ -166,9 +167,9 @@ def main() -> None:
     prompts = llmtime_prompts(tok, args.prompts, args.prompt_steps, args.data)
     gen = torch.Generator().manual_seed(0)
     fwd_ids = torch.randint(0, 151000, (args.forward_batch, args.forward_seq), generator=gen)
-    from qwenlite.model.memory import keep_freed_memory
+    from qwenlite.accel.memory import keep_freed_memory
 
-    from qwenlite.model import skinny
+    from qwenlite.accel import skinny
 
     malloc = "keep freed memory" if keep_freed_memory() else "system"
     print(f"checkpoint {weights}; {machine()}; malloc ({malloc}) shared by both implementations; "

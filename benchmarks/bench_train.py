@@ -8,7 +8,7 @@ gradients of frozen matrices, from :func:`qwenlite.flops.train_step_flops`) — 
 matmul rates measured in the same run (torch's in the dtype, and for qwenlite the fp32 one where it
 runs bf16 matmuls on the fp32 units), and each implementation's peak RSS.
 
-qwenlite tunes glibc malloc to keep freed memory (``qwenlite.model.memory``: large temporaries
+qwenlite tunes glibc malloc to keep freed memory (``qwenlite.accel.memory``: large temporaries
 stop page-faulting). That is a process setting any program could make, so transformers+PEFT runs
 both as it is and with the same setting (``--baseline-malloc``), and the speed-up is printed
 against each.
@@ -33,7 +33,7 @@ from common import (DTYPES, describe_rates, fmt_table, machine, matmul_rates, pe
 
 def worker(impl: str, weights: str, dtype: str, batch: int, seq: int, steps: int,
            warmup: int) -> dict:
-    from qwenlite.model.memory import keep_freed_memory
+    from qwenlite.accel.memory import keep_freed_memory
 
     malloc = "keep" if keep_freed_memory() else "system"  # $QWENLITE_MALLOC, set by main()
     gen = torch.Generator().manual_seed(0)
@@ -41,10 +41,11 @@ def worker(impl: str, weights: str, dtype: str, batch: int, seq: int, steps: int
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     if impl == "qwenlite":
         from qwenlite.lora import apply_lora
+        from qwenlite.accel import apply
         from qwenlite.model import load_model
         from qwenlite.train import lm_loss
 
-        model = load_model(weights, dtype=torch.float32)
+        model = apply(load_model(weights, dtype=torch.float32))
         apply_lora(model, r=4, alpha=4)
         model.train()
 
@@ -94,7 +95,7 @@ def main() -> None:
                              "long run sees; the per-step faults are in the --out JSON")
     parser.add_argument("--baseline-malloc", choices=["system", "keep", "both"], default="both",
                         help="run transformers+PEFT with glibc malloc as it is, with the setting "
-                             "qwenlite makes (keep freed memory, qwenlite.model.memory), or both")
+                             "qwenlite makes (keep freed memory, qwenlite.accel.memory), or both")
     parser.add_argument("--out", default=None)
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "DTYPE", "WEIGHTS"),
                         help=argparse.SUPPRESS)

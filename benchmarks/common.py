@@ -51,11 +51,11 @@ def matmul_rate(dtype: torch.dtype) -> float:
 def matmul_rates(dtype: torch.dtype) -> dict[str, float]:
     """The reference rates for a run in ``dtype``: ``native``, torch's own matmul in that dtype
     (what transformers runs on), and ``units``, the matmul qwenlite's run actually executes — the
-    fp32 rate when bf16 matmuls are emulated on fp32 units (``qwenlite.model.kernels``)."""
-    from qwenlite.model import kernels
+    fp32 rate when bf16 matmuls are emulated on fp32 units (``qwenlite.accel.emulation``)."""
+    from qwenlite.accel import emulation
 
     native = matmul_rate(dtype)
-    if dtype == torch.bfloat16 and kernels.bf16_matmul_mode() == "emulate":
+    if dtype == torch.bfloat16 and emulation.bf16_matmul_mode() == "emulate":
         return {"native": native, "units": matmul_rate(torch.float32)}
     return {"native": native, "units": native}
 

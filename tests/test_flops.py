@@ -47,7 +47,7 @@ def _baddbmm(bias, a, b, *args, out_shape=None, **kwargs):
 
 
 def _onednn_linear(x, w, *args, out_shape=None, **kwargs):
-    # a decode step's linear through a prepacked weight (qwenlite.model.kernels): x (rows, in),
+    # a decode step's linear through a prepacked weight (qwenlite.accel.packing): x (rows, in),
     # w (out, in)
     return _mm(x, (w[1], w[0]))
 
@@ -273,12 +273,12 @@ def test_training_graph_names_every_breakdown_part():
     """The backward walk knows every part ``flops()`` reports, so none is guessed."""
     model = counting_model(TINY, lora_rank=2)
     mats, grads = training_graph(model, 5)
-    keys = set(model.flops(5, loss=True))
+    keys = set(forward_flops(model, 5, loss=True))
     assert {k for k in keys if k.rsplit(".", 1)[-1] in MATMUL_PARTS} == set(mats)
     for key in keys - set(mats):
         assert any(key == g or key.startswith(g + ".") for g in grads), key
     for key, mat in mats.items():  # same shapes as the forward count
-        assert mat.forward() == model.flops(5, loss=True)[key], key
+        assert mat.forward() == forward_flops(model, 5, loss=True)[key], key
     # layer 0's frozen K projection sees the frozen embedding: no gradient at all
     k0 = mats["model.layers.0.self_attn.k_proj.matmul"]
     assert not k0.grad_a and not k0.grad_b

@@ -1,4 +1,4 @@
-"""bf16 matmuls emulated on the fp32 units (qwenlite.model.kernels) against torch's bf16 kernels."""
+"""bf16 matmuls emulated on the fp32 units (qwenlite.accel) against torch's bf16 kernels."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlite.loss import linear_cross_entropy
-from qwenlite.model import kernels, skinny
+from qwenlite.accel import apply, emulation, kernels, packing, skinny
+from qwenlite.accel.modules import WideKVCache
+from qwenlite.accel import settings
+from qwenlite.accel.settings import BF16_ENV, Settings
+from qwenlite.errors import QwenliteError
 from qwenlite.model.config import QwenConfig
 from qwenlite.model.loading import init_random
 
@@ -19,17 +23,19 @@ ULP = 2.0 ** -7  # bf16 spacing relative to a value in [1, 2)
 
 
 @pytest.fixture
-def mode():
-    """Set the bf16 matmul mode for one test; restore the environment's afterwards."""
-    yield kernels.set_bf16_matmul
-    kernels.set_bf16_matmul(None)
+def mode(monkeypatch):
+    """Set the bf16 matmul mode for one test (the settings' own is restored afterwards)."""
+    def set_mode(value: str) -> None:
+        monkeypatch.setattr(settings.current(), "bf16_matmul", value)
+
+    return set_mode
 
 
 @pytest.fixture
 def onednn_decode(monkeypatch):
-    """Decode steps without the decode kernel (qwenlite.model.skinny), through weights
+    """Decode steps without the decode kernel (qwenlite.accel.skinny), through weights
     prepacked for oneDNN, as where the kernel is not built."""
-    monkeypatch.setenv(skinny.ENV, "0")
+    monkeypatch.setattr(settings.current(), "decode_kernel", False)
 
 
 def assert_bf16_close(actual, expected, ulps=2.0):
@@ -58,20 +64,24 @@ def test_emulated_linear_is_a_bf16_gemm(mode):
 def test_modes_and_environment(mode, monkeypatch):
     x = torch.zeros(2, 4, dtype=BF16)
     mode("native")
-    assert not kernels.emulating(x)
+    assert not emulation.emulating(x)
     mode("emulate")
-    assert kernels.emulating(x)
-    assert not kernels.emulating(x.float())  # an fp32 matmul outside autocast is left alone
+    assert emulation.emulating(x)
+    assert not emulation.emulating(x.float())  # an fp32 matmul outside autocast is left alone
     with torch.autocast("cpu", dtype=BF16):
-        assert kernels.emulating(x.float())
-    mode(None)
-    monkeypatch.setenv(kernels.ENV, "native")
-    assert kernels.bf16_matmul_mode() == "native"
-    monkeypatch.setenv(kernels.ENV, "fast")
-    with pytest.raises(ValueError, match="QWENLITE_BF16_MATMUL"):
-        kernels.bf16_matmul_mode()
-    with pytest.raises(ValueError):
-        mode("fast")
+        assert emulation.emulating(x.float())
+    # the environment, read once into the settings (a bad value: one line naming the variable)
+    assert Settings.from_env({BF16_ENV: " Native "}).bf16_matmul == "native"
+    assert Settings.from_env({}) == Settings()
+    with pytest.raises(QwenliteError, match=BF16_ENV):
+        Settings.from_env({BF16_ENV: "fast"})
+    monkeypatch.setenv(BF16_ENV, "emulate")
+    try:
+        settings.reload()
+        assert settings.current().bf16_matmul == "emulate"
+    finally:
+        monkeypatch.delenv(BF16_ENV)
+        settings.reload()
 
 
 def test_autocast_forward_and_backward_match_native(mode):
@@ -103,35 +113,35 @@ def test_autocast_forward_and_backward_match_native(mode):
 def test_frozen_copy_is_kept_and_refreshed(mode):
     mode("emulate")
     layer = kernels.Linear(8, 4, bias=False).to(BF16).requires_grad_(False)
-    first = kernels.as_bf16_fp32(layer.weight)
-    assert kernels.as_bf16_fp32(layer.weight) is first
+    first = emulation.as_bf16_fp32(layer.weight)
+    assert emulation.as_bf16_fp32(layer.weight) is first
     assert torch.equal(first, layer.weight.float())
     with torch.no_grad():
         layer.weight.add_(1.0)  # an in-place change, as a LoRA merge makes
-    refreshed = kernels.as_bf16_fp32(layer.weight)
+    refreshed = emulation.as_bf16_fp32(layer.weight)
     assert refreshed is not first and torch.equal(refreshed, layer.weight.float())
     # A trainable weight is converted per call, so that its gradient flows.
     layer.weight.requires_grad_(True)
-    assert kernels.as_bf16_fp32(layer.weight).requires_grad
+    assert emulation.as_bf16_fp32(layer.weight).requires_grad
 
 
 def test_wide_matmuls_keep_no_copy(mode, monkeypatch):
     """Prefill and training convert per call; only skinny (decode) matmuls keep an fp32 copy
     (prepacked where oneDNN is available), which wide ones then reuse."""
     mode("emulate")
-    monkeypatch.setenv(kernels.PACK_ENV, "0")
+    monkeypatch.setattr(settings.current(), "pack_weights", False)
     layer = kernels.Linear(8, 4, bias=False).to(BF16).requires_grad_(False)
-    wide = kernels.SKINNY_ROWS + 1
-    a = kernels.as_bf16_fp32(layer.weight, rows=wide)
-    assert kernels.as_bf16_fp32(layer.weight, rows=wide) is not a  # nothing was kept
+    wide = emulation.SKINNY_ROWS + 1
+    a = emulation.as_bf16_fp32(layer.weight, rows=wide)
+    assert emulation.as_bf16_fp32(layer.weight, rows=wide) is not a  # nothing was kept
     with torch.no_grad():
         layer(torch.randn(wide, 8).to(BF16))
-    assert kernels.as_bf16_fp32(layer.weight, rows=wide) is not a
-    assert layer.weight not in kernels._packed
+    assert emulation.as_bf16_fp32(layer.weight, rows=wide) is not a
+    assert not packing.is_packed(layer.weight)
     with torch.no_grad():
         layer(torch.randn(2, 8).to(BF16))  # a decode-sized call keeps one
-    kept = kernels.as_bf16_fp32(layer.weight, rows=1)
-    assert kernels.as_bf16_fp32(layer.weight, rows=wide) is kept
+    kept = emulation.as_bf16_fp32(layer.weight, rows=1)
+    assert emulation.as_bf16_fp32(layer.weight, rows=wide) is kept
 
 
 def test_copy_made_while_generating_serves_training(mode):
@@ -184,7 +194,7 @@ def test_fused_loss_matches_native_under_autocast(mode):
 def test_bf16_model_emulated_is_as_close_to_fp32_as_native(mode, tied):
     """A whole bf16 model: emulation gives bf16 results, as far from fp32 as torch's bf16 is."""
     cfg = dataclasses.replace(QwenConfig.from_name("tiny"), tie_word_embeddings=tied)
-    model = init_random(cfg, seed=4)
+    model = apply(init_random(cfg, seed=4))
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         ref = model(ids)
@@ -212,11 +222,11 @@ def test_fp32_models_are_untouched(mode):
 
 
 @pytest.mark.parametrize("pack", ["1", "0"])
-@pytest.mark.parametrize("rows", [1, 8, kernels.SKINNY_ROWS])
+@pytest.mark.parametrize("rows", [1, 8, emulation.SKINNY_ROWS])
 def test_decode_layout_equals_linear(rows, pack, monkeypatch, onednn_decode):
     """A decode step's few rows, through a prepacked weight or in the W·xᵀ layout: the values of
     F.linear, contiguous."""
-    monkeypatch.setenv(kernels.PACK_ENV, pack)
+    monkeypatch.setattr(settings.current(), "pack_weights", pack == "1")
     torch.manual_seed(5)
     x = torch.randn(rows, 1, 32)
     for out_features in (96, 20):  # widening, and not
@@ -227,25 +237,25 @@ def test_decode_layout_equals_linear(rows, pack, monkeypatch, onednn_decode):
                 out = kernels.linear(x, weight, b)
             assert out.is_contiguous() and out.shape == (rows, 1, out_features)
             torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-        assert (w in kernels._packed) == (pack == "1" and kernels.packing_enabled())
+        assert (packing.is_packed(w)) == (pack == "1" and packing.packing_enabled())
 
 
-@pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
+@pytest.mark.skipif(not packing.onednn_linear(), reason="torch without oneDNN's linear")
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_packed_weight_is_kept_and_refreshed(mode, dtype, monkeypatch, onednn_decode):
     """The packed copy is made once, and made anew after an in-place change (a LoRA merge)."""
     mode("emulate")
-    monkeypatch.setenv(kernels.PACK_ENV, "1")
+    monkeypatch.setattr(settings.current(), "pack_weights", True)
     layer = kernels.Linear(16, 40, bias=True).to(dtype).requires_grad_(False)
     x = torch.randn(4, 16).to(dtype)
     with torch.no_grad():
         first = layer(x)
-        packed = kernels._packed[layer.weight][1]
+        packed = packing.packed_copy(layer.weight)
         layer(x)
-        assert kernels._packed[layer.weight][1] is packed
+        assert packing.packed_copy(layer.weight) is packed
         layer.weight.add_(0.5)
         second = layer(x)
-    assert kernels._packed[layer.weight][1] is not packed
+    assert packing.packed_copy(layer.weight) is not packed
     with torch.no_grad():
         mode("native")
         expected = F.linear(x, layer.weight, layer.bias)
@@ -262,7 +272,7 @@ def test_decode_attention_equals_sdpa(mask_kind, decode_kernel, monkeypatch):
     """A decode step's attention (one query per sequence over a cache view, 4 query heads per KV
     head) as qwenlite computes it on the CPU, through the decode kernel or without it, equals
     torch's SDPA."""
-    monkeypatch.setenv(skinny.ENV, decode_kernel)
+    monkeypatch.setattr(settings.current(), "decode_kernel", (decode_kernel) != "0")
     torch.manual_seed(6)
     cache_k = torch.randn(3, 2, 20, 16)
     cache_v = torch.randn(3, 2, 20, 16)
@@ -292,28 +302,28 @@ def test_decode_attention_with_autograd_is_sdpa():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
 
 
-@pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
+@pytest.mark.skipif(not packing.onednn_linear(), reason="torch without oneDNN's linear")
 def test_only_frozen_weights_of_decode_steps_are_packed(monkeypatch, onednn_decode):
     """Packing (on by default) keeps a copy for a frozen weight's few-row, no-grad call only:
     not for a wide call, not for a trainable weight, not under autograd."""
-    monkeypatch.delenv(kernels.PACK_ENV, raising=False)
+    monkeypatch.setattr(settings.current(), "pack_weights", True)
     frozen = kernels.Linear(16, 24).requires_grad_(False)
     trained = kernels.Linear(16, 24)
     with torch.no_grad():
-        frozen(torch.randn(kernels.SKINNY_ROWS + 1, 16))
-        assert frozen.weight not in kernels._packed
+        frozen(torch.randn(emulation.SKINNY_ROWS + 1, 16))
+        assert not packing.is_packed(frozen.weight)
         x = torch.randn(4, 16)
         out = trained(x)
-        assert trained.weight not in kernels._packed
+        assert not packing.is_packed(trained.weight)
         torch.testing.assert_close(out, F.linear(x, trained.weight, trained.bias))
     x = torch.randn(4, 16, requires_grad=True)
     frozen(x).sum().backward()
-    assert frozen.weight not in kernels._packed and x.grad is not None
+    assert not packing.is_packed(frozen.weight) and x.grad is not None
     with torch.no_grad():
         frozen(torch.randn(4, 16))
-    assert frozen.weight in kernels._packed
-    kernels.clear_packed_weights()
-    assert frozen.weight not in kernels._packed
+    assert packing.is_packed(frozen.weight)
+    packing.clear_packed_weights()
+    assert not packing.is_packed(frozen.weight)
 
 
 class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
@@ -339,18 +349,18 @@ def _projections(dtype, biases=(True, True, False)):
     return layers
 
 
-@pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
+@pytest.mark.skipif(not packing.onednn_linear(), reason="torch without oneDNN's linear")
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 def test_stacked_decode_projections_equal_the_layers(mode, dtype, monkeypatch, onednn_decode):
     """A decode step's projections that share an input run as one matmul over their stacked
     weights (a missing bias as zeros) and give each layer's own result."""
     mode("emulate")
-    monkeypatch.delenv(kernels.PACK_ENV, raising=False)
+    monkeypatch.setattr(settings.current(), "pack_weights", True)
     layers = _projections(dtype)
     x = torch.randn(4, 1, 24).to(dtype)
     with torch.no_grad():
         expected = [layer(x) for layer in layers]
-        kernels.clear_packed_weights()
+        packing.clear_packed_weights()
         with _Ops() as rec:
             got = kernels.linears(x, layers)
     aten = torch.ops.aten
@@ -358,8 +368,8 @@ def test_stacked_decode_projections_equal_the_layers(mode, dtype, monkeypatch, o
                   torch.ops.mkldnn._linear_pointwise.default}
     matmuls = [op for op in rec.ops if op in matmul_ops]
     assert matmuls == [torch.ops.mkldnn._linear_pointwise.default]
-    assert layers[0].weight in kernels._stacked
-    assert all(layer.weight not in kernels._packed for layer in layers)
+    assert packing.is_stacked(layers[0].weight)
+    assert all(not packing.is_packed(layer.weight) for layer in layers)
     for g, e in zip(got, expected):
         assert g.shape == e.shape and g.dtype == dtype
         if dtype == BF16:
@@ -368,21 +378,21 @@ def test_stacked_decode_projections_equal_the_layers(mode, dtype, monkeypatch, o
             torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
+@pytest.mark.skipif(not packing.onednn_linear(), reason="torch without oneDNN's linear")
 def test_stacked_weight_is_refreshed_when_any_layer_changes(monkeypatch, onednn_decode):
     """The stacked copy is kept under the first weight but follows in-place changes of the
     others (a LoRA merge into v_proj) and of the biases."""
-    monkeypatch.delenv(kernels.PACK_ENV, raising=False)
+    monkeypatch.setattr(settings.current(), "pack_weights", True)
     layers = _projections(torch.float32)
     x = torch.randn(2, 24)
     with torch.no_grad():
         kernels.linears(x, layers)
-        stacked = kernels._stacked[layers[0].weight][1]
+        stacked = packing.stacked_copy(layers[0].weight)
         kernels.linears(x, layers)
-        assert kernels._stacked[layers[0].weight][1] is stacked
+        assert packing.stacked_copy(layers[0].weight) is stacked
         layers[2].weight.add_(1.0)
         after_weight = kernels.linears(x, layers)
-        assert kernels._stacked[layers[0].weight][1] is not stacked
+        assert packing.stacked_copy(layers[0].weight) is not stacked
         layers[1].bias.add_(1.0)
         after_bias = kernels.linears(x, layers)
         expected = [F.linear(x, layer.weight, layer.bias) for layer in layers]
@@ -391,31 +401,31 @@ def test_stacked_weight_is_refreshed_when_any_layer_changes(monkeypatch, onednn_
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
+@pytest.mark.skipif(not packing.onednn_linear(), reason="torch without oneDNN's linear")
 def test_stacking_steps_aside(monkeypatch, onednn_decode):
     """Wide calls, autograd, a wrapped (LoRA) layer, hooks watching a layer and packing turned
     off all run the layers one by one."""
     from qwenlite.lora import LoRALinear
 
-    monkeypatch.delenv(kernels.PACK_ENV, raising=False)
+    monkeypatch.setattr(settings.current(), "pack_weights", True)
     layers = _projections(torch.float32)
     small = torch.randn(2, 24)
 
     def stacks(x, layers, grad=False):
-        kernels.clear_packed_weights()
+        packing.clear_packed_weights()
         with torch.set_grad_enabled(grad):
             kernels.linears(x, layers)
-        return layers[0].weight in kernels._stacked
+        return packing.is_stacked(layers[0].weight)
 
     assert stacks(small, layers)
-    assert not stacks(torch.randn(kernels.SKINNY_ROWS + 1, 24), layers)
+    assert not stacks(torch.randn(emulation.SKINNY_ROWS + 1, 24), layers)
     assert not stacks(small.requires_grad_(True), layers, grad=True)
     assert not stacks(torch.randn(2, 24), [LoRALinear(layers[0], r=2, alpha=4), *layers[1:]])
     seen = []
     handle = layers[1].register_forward_hook(lambda *a: seen.append(1))
     assert not stacks(torch.randn(2, 24), layers) and seen == [1]
     handle.remove()
-    monkeypatch.setenv(kernels.PACK_ENV, "0")
+    monkeypatch.setattr(settings.current(), "pack_weights", False)
     assert not stacks(torch.randn(2, 24), layers)
 
 
@@ -427,12 +437,12 @@ def test_widened_cache_decodes_exactly_as_a_bf16_cache(mode, onednn_decode):
 
     mode("emulate")
     cfg = QwenConfig.from_name("tiny")
-    model = init_random(cfg, seed=9).to(BF16).requires_grad_(False)  # frozen, as loaded
+    model = apply(init_random(cfg, seed=9)).to(BF16).requires_grad_(False)  # frozen, as loaded
     widened = model.new_cache(2, 12)
-    assert widened.holds_bf16 and widened.k.dtype == torch.float32
+    assert isinstance(widened, WideKVCache) and widened.k.dtype == torch.float32
     plain = KVCache(cfg.num_hidden_layers, 2, cfg.num_key_value_heads, 12, cfg.head_dim, BF16,
                     "cpu")
-    assert not plain.holds_bf16 and plain.k.dtype == BF16
+    assert not isinstance(plain, WideKVCache) and plain.k.dtype == BF16
     ids = torch.randint(0, cfg.vocab_size, (2, 8))
     with torch.inference_mode():
         outs = []
@@ -454,25 +464,25 @@ def test_widened_cache_decodes_exactly_as_a_bf16_cache(mode, onednn_decode):
         native = model(ids[:, 7:8], cache=widened, cache_start=7)
     assert native.dtype == BF16
     assert_bf16_close(native, outs[0][-1], ulps=8)
-    assert not model.new_cache(2, 12).holds_bf16
+    assert not isinstance(model.new_cache(2, 12), WideKVCache)
 
 
-@pytest.mark.skipif(not kernels._onednn_linear(), reason="torch without oneDNN's linear")
+@pytest.mark.skipif(not packing.onednn_linear(), reason="torch without oneDNN's linear")
 def test_stacking_frees_the_layers_own_packed_copies(monkeypatch, onednn_decode):
     """A decode step that once ran the projections one by one (a FLOPS counter watching) and
     then stacked keeps one copy of their weights, not two."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    monkeypatch.delenv(kernels.PACK_ENV, raising=False)
+    monkeypatch.setattr(settings.current(), "pack_weights", True)
     layers = _projections(torch.float32)
     x = torch.randn(2, 24)
     with torch.no_grad():
         with FlopCounterMode(display=False):
             kernels.linears(x, layers)
-        assert all(layer.weight in kernels._packed for layer in layers)
+        assert all(packing.is_packed(layer.weight) for layer in layers)
         kernels.linears(x, layers)
-    assert layers[0].weight in kernels._stacked
-    assert all(layer.weight not in kernels._packed for layer in layers)
+    assert packing.is_stacked(layers[0].weight)
+    assert all(not packing.is_packed(layer.weight) for layer in layers)
 
 
 def test_native_bf16_decode_prepacks_in_bf16_where_onednn_has_bf16(mode, monkeypatch, onednn_decode):
@@ -480,33 +490,33 @@ def test_native_bf16_decode_prepacks_in_bf16_where_onednn_has_bf16(mode, monkeyp
     per parameter) and stacks q/k/v and gate/up, as fp32 does. This CPU's oneDNN may lack bf16,
     so its two prepacked ops stand in as plain bf16 ops; what is tested is qwenlite's routing."""
     mode("native")
-    monkeypatch.delenv(kernels.PACK_ENV, raising=False)
+    monkeypatch.setattr(settings.current(), "pack_weights", True)
     packs = []
 
     def fake_pack(w, rows):
         packs.append(w.dtype)
         return w.clone()
 
-    monkeypatch.setattr(kernels, "_pack", fake_pack)
-    monkeypatch.setattr(kernels, "_packed_linear", lambda x, w, b: F.linear(x, w, b))
-    monkeypatch.setattr(kernels, "_onednn_linear", lambda dtype=torch.float32: True)
+    monkeypatch.setattr(packing, "pack", fake_pack)
+    monkeypatch.setattr(packing, "packed_linear", lambda x, w, b: F.linear(x, w, b))
+    monkeypatch.setattr(packing, "onednn_linear", lambda dtype=torch.float32: True)
     layers = _projections(BF16)
     x = torch.randn(4, 1, 24).to(BF16)
     with torch.no_grad():
         single = layers[2](x)
-        assert kernels._packed[layers[2].weight][1].dtype == BF16
+        assert packing.packed_copy(layers[2].weight).dtype == BF16
         stacked = kernels.linears(x, layers)
         expected = [F.linear(x, layer.weight, layer.bias) for layer in layers]
     assert packs == [BF16, BF16]  # layers[2] alone, then the stack
-    assert kernels._stacked[layers[0].weight][1][0].dtype == BF16
+    assert packing.stacked_copy(layers[0].weight)[0].dtype == BF16
     torch.testing.assert_close(single, expected[2])
     for g, e in zip(stacked, expected):
         assert g.dtype == BF16
         assert_bf16_close(g, e, ulps=1)
     # Where oneDNN lacks bf16, native bf16 decode stays torch's F.linear and keeps no copy.
-    kernels.clear_packed_weights()
-    monkeypatch.setattr(kernels, "_onednn_linear", lambda dtype=torch.float32: dtype != BF16)
+    packing.clear_packed_weights()
+    monkeypatch.setattr(packing, "onednn_linear", lambda dtype=torch.float32: dtype != BF16)
     with torch.no_grad():
         kernels.linears(x, layers)
         layers[2](x)
-    assert layers[0].weight not in kernels._stacked and layers[2].weight not in kernels._packed
+    assert not packing.is_stacked(layers[0].weight) and not packing.is_packed(layers[2].weight)

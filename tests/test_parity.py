@@ -7,6 +7,7 @@ import torch
 from conftest import (REAL_DATA, TOKENIZER_JSON, load_hf, make_hf_checkpoint, real_weights,
                       requires_real_data, requires_tokenizer, requires_weights)
 
+from qwenlite import accel
 from qwenlite.generate import generate
 from qwenlite.model import load_model
 
@@ -19,11 +20,22 @@ CASES = [
 
 
 @pytest.fixture(scope="module", params=CASES)
-def pair(request, tmp_path_factory):
+def checkpoint(request, tmp_path_factory):
     directory = make_hf_checkpoint(tmp_path_factory.mktemp("ckpt"), **request.param)
     if request.param["sharded"]:
         assert (directory / "model.safetensors.index.json").is_file()
-    return load_model(directory), load_hf(directory), request.param
+    return directory, load_hf(directory), request.param
+
+
+@pytest.fixture(scope="module", params=["plain", "accelerated"])
+def pair(request, checkpoint):
+    """Our model (the plain reference, or with :mod:`qwenlite.accel` applied) and transformers'."""
+    directory, hf, case = checkpoint
+    ours = load_model(directory)
+    assert not accel.is_accelerated(ours)
+    if request.param == "accelerated":
+        accel.apply(ours)
+    return ours, hf, case
 
 
 def test_logits_match_transformers(pair):
@@ -139,12 +151,16 @@ def test_real_weights_match_transformers():
     x = torch.tensor([ids])
     with torch.no_grad():
         expected = hf(x).logits
-        got = ours(x)
-    diff = (got - expected).abs().max().item()
-    print(f"real-weight fp32 max |logit diff| over {len(ids)} tokens: {diff:.3g}")
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=32, do_sample=False,
                       eos_token_id=None,
                       pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
-    out = generate(ours, [ids], 32, eos_token_id=[])
-    assert out.tokens[0] == ref
+    for name in ("plain", "accelerated"):  # the reference, then with qwenlite.accel
+        if name == "accelerated":
+            accel.apply(ours)
+        with torch.no_grad():
+            got = ours(x)
+        diff = (got - expected).abs().max().item()
+        print(f"real-weight fp32 max |logit diff| over {len(ids)} tokens ({name}): {diff:.3g}")
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        out = generate(ours, [ids], 32, eos_token_id=[])
+        assert out.tokens[0] == ref, name

@@ -1,4 +1,4 @@
-"""The decode kernel (qwenlite.model.skinny): its arithmetic, when decode steps use it, and how it
+"""The decode kernel (qwenlite.accel.skinny): its arithmetic, when decode steps use it, and how it
 falls back where it cannot be built."""
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenlite.model import kernels, skinny
+from qwenlite.accel import apply, emulation, kernels, packing, skinny
+from qwenlite.accel.modules import WideKVCache
+from qwenlite.accel import settings
+from qwenlite.accel.settings import BF16_ENV, Settings
 from qwenlite.model.config import QwenConfig
 from qwenlite.model.loading import init_random
 
@@ -26,9 +29,11 @@ def kernel():
 
 
 @pytest.fixture
-def mode():
-    yield kernels.set_bf16_matmul
-    kernels.set_bf16_matmul(None)
+def mode(monkeypatch):
+    def set_mode(value: str) -> None:
+        monkeypatch.setattr(settings.current(), "bf16_matmul", value)
+
+    return set_mode
 
 
 @pytest.fixture
@@ -140,13 +145,13 @@ def test_bf16_decode_steps_read_weights_in_place(kernel, mode, calls):
         single = layers[0](x)
     assert calls == [3, 1]
     for layer, g in zip(layers, got):
-        assert layer.weight not in kernels._packed and layer.weight not in kernels._cache
+        assert not packing.is_packed(layer.weight) and not emulation.keeps_copy(layer.weight)
         b = None if layer.bias is None else layer.bias.float()
         expected = F.linear(x.float(), layer.weight.float(), b).to(BF16)
         assert g.dtype == BF16 and g.shape == expected.shape
         assert (g.float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max()
     assert torch.equal(single, got[0])
-    assert layers[0].weight not in kernels._stacked
+    assert not packing.is_stacked(layers[0].weight)
     with torch.no_grad():
         layers[0].weight.add_(1.0)
         after = layers[0](x)
@@ -158,7 +163,7 @@ def test_fp32_decode_steps_use_the_kernel(kernel, calls):
     x = torch.randn(5, 1, 32)
     with torch.no_grad():
         out = layer(x)
-    assert calls == [1] and layer.weight not in kernels._packed
+    assert calls == [1] and not packing.is_packed(layer.weight)
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
@@ -180,11 +185,11 @@ def test_kernel_steps_aside(kernel, mode, calls, monkeypatch):
         mode("native")
         bf16 = _frozen(BF16)[0]
         bf16(x.to(BF16))
-        monkeypatch.setenv(skinny.ENV, "0")
+        monkeypatch.setattr(settings.current(), "decode_kernel", False)
         layers[0](x)
     layers[0](x.requires_grad_(True)).sum().backward()
     assert calls == []
-    monkeypatch.delenv(skinny.ENV)
+    monkeypatch.setattr(settings.current(), "decode_kernel", True)
     with torch.no_grad():
         layers[0](x)
     assert calls == [1]
@@ -198,9 +203,9 @@ def test_decode_steps_match_without_the_kernel(kernel, mode, monkeypatch):
     ids = torch.randint(0, cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
 
     def run(dtype, on):
-        monkeypatch.setenv(skinny.ENV, "1" if on else "0")
-        kernels.clear_packed_weights()
-        model = init_random(cfg, seed=4).to(dtype).requires_grad_(False)
+        monkeypatch.setattr(settings.current(), "decode_kernel", ("1" if on else "0") != "0")
+        packing.clear_packed_weights()
+        model = apply(init_random(cfg, seed=4)).to(dtype).requires_grad_(False)
         cache = model.new_cache(3, 9)
         with torch.inference_mode():
             steps = [model(ids[:, :5], cache=cache, logits_to_keep=1)]
@@ -333,9 +338,9 @@ def test_decode_attention_uses_the_kernel(kernel, mode, monkeypatch):
         mode("native")
         kernels.attention(q.to(BF16), k.to(BF16), v.to(BF16), **kw)
         mode("emulate")
-        monkeypatch.setenv(skinny.ENV, "0")
+        monkeypatch.setattr(settings.current(), "decode_kernel", False)
         kernels.attention(q, k, v, **kw)
-    monkeypatch.delenv(skinny.ENV)
+    monkeypatch.setattr(settings.current(), "decode_kernel", True)
     kernels.attention(q.requires_grad_(True), k, v, **kw)
     assert len(seen) == 3
 
@@ -351,7 +356,7 @@ def test_a_bf16_model_keeps_its_cache_in_bf16_with_the_kernel(kernel, mode, monk
     few bf16 roundings."""
     mode("emulate")
     cfg = QwenConfig.from_name("tiny")
-    model = init_random(cfg, seed=5).to(BF16).requires_grad_(False)
+    model = apply(init_random(cfg, seed=5)).to(BF16).requires_grad_(False)
     ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
 
     def steps():
@@ -365,9 +370,9 @@ def test_a_bf16_model_keeps_its_cache_in_bf16_with_the_kernel(kernel, mode, monk
     real = skinny.attention
     monkeypatch.setattr(skinny, "attention", lambda *a: seen.append(1) or real(*a))
     cache, on = steps()
-    assert not cache.holds_bf16 and cache.k.dtype == BF16
+    assert not isinstance(cache, WideKVCache) and cache.k.dtype == BF16
     assert len(seen) == 3 * cfg.num_hidden_layers  # every decode step's attention
-    monkeypatch.setenv(skinny.ENV, "0")
+    monkeypatch.setattr(settings.current(), "decode_kernel", False)
     cache, off = steps()
-    assert cache.holds_bf16 and cache.k.dtype == torch.float32
+    assert isinstance(cache, WideKVCache) and cache.k.dtype == torch.float32
     assert (on - off).abs().max() <= 8 * 2 ** -7 * off.abs().max()

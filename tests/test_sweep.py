@@ -47,11 +47,11 @@ def test_chosen_settings_are_costed_at_their_worst_case(trajectories):
     plan = build_plan(SCALES["cpu"], QwenConfig.from_name("qwen2.5-0.5b"), trajectories)
     c = plan.costs
     assert c["context-768"].train_flops > c["grid-lr0.0001-r8"].train_flops  # rank 8 at 768
-    from qwenlite.flops import counting_model, train_step_flops
+    from qwenlite.flops import counting_model, forward_flops, train_step_flops
 
     model = counting_model(QwenConfig.from_name("qwen2.5-0.5b"), 8, logit_bias=True)
     step = train_step_flops(model, 768, 4).rule
-    val = model.flops(768, loss=True).total() * plan.scale.eval_windows
+    val = forward_flops(model, 768, loss=True).total() * plan.scale.eval_windows
     assert c["final"].train_flops == 120 * step + 5 * val  # validations at 0, 30, 60, 90, 120
 
 

@@ -20,7 +20,7 @@ __all__ = ["load_model", "load_tokenizer", "__version__"]
 
 
 def load_model(weights: str | Path | None = None, dtype: str | torch.dtype = "fp32",
-               device: str | torch.device = "auto"):
+               device: str | torch.device = "auto", accelerate: bool = True):
     """Load a Qwen2.5 checkpoint as a :class:`qwenlite.model.QwenForCausalLM` (eval mode).
 
     Args:
@@ -28,16 +28,20 @@ def load_model(weights: str | Path | None = None, dtype: str | torch.dtype = "fp
             ``weights/Qwen2.5-0.5B-Instruct`` (downloaded from the hub on first use).
         dtype: ``"fp32"``/``"bf16"`` or a torch dtype.
         device: ``"auto"`` (cuda, then mps, then cpu) or a torch device.
+        accelerate: on a CPU, swap in :mod:`qwenlite.accel`'s modules (same values, faster);
+            False gives the plain reference model of :mod:`qwenlite.model`.
     Returns:
         A model whose call ``model(input_ids, attention_mask=None)`` returns logits
         (batch, seq, vocab).
     """
+    from qwenlite import accel
     from qwenlite.cli import resolve_device, resolve_dtype, resolve_weights, warn_if_slow_bf16
     from qwenlite.model.loading import load_model as _load
 
     device = resolve_device(device) if isinstance(device, str) else device
     warn_if_slow_bf16(resolve_dtype(dtype), device)
-    return _load(resolve_weights(weights), dtype=dtype, device=device)
+    model = _load(resolve_weights(weights), dtype=dtype, device=device)
+    return accel.for_device(model) if accelerate else model
 
 
 def load_tokenizer(weights: str | Path | None = None):

@@ -34,6 +34,7 @@ import torch
 
 from qwenlite.errors import QwenliteError
 from qwenlite.io import check_dir, check_dir_creatable, check_file, check_file_writable
+from qwenlite.model.config import DTYPES, resolve_dtype  # noqa: F401 - re-exported for commands
 
 #: The ``python -m qwenlite.<name>`` commands and what each does; every one has ``main(argv)``
 #: and ``build_parser()``. A new command needs only a line here to be listed and to have all its
@@ -56,7 +57,6 @@ DEFAULT_REPO = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_WEIGHTS_DIR = Path("weights") / "Qwen2.5-0.5B-Instruct"
 WEIGHTS_ENV = "QWENLITE_WEIGHTS"
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -116,31 +116,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """Map ``fp32``/``bf16`` (or a torch dtype) to a torch dtype."""
-    if isinstance(name, torch.dtype):
-        if name not in DTYPES.values():
-            raise QwenliteError(f"unsupported dtype {name}; use fp32 or bf16")
-        return name
-    aliases = {"float32": "fp32", "bfloat16": "bf16"}
-    key = aliases.get(name, name)
-    if key not in DTYPES:
-        raise QwenliteError(f"unknown dtype {name!r}; use fp32 or bf16")
-    return DTYPES[key]
-
-
 def warn_if_slow_bf16(dtype: torch.dtype, device: torch.device | str) -> None:
-    """On a CPU without bf16 units, say how bf16 matmuls will run (see ``qwenlite.model.kernels``)."""
-    from qwenlite.model import kernels
+    """On a CPU without bf16 units, say how bf16 matmuls will run (see ``qwenlite.accel``)."""
+    from qwenlite.accel import emulation, settings
 
     if dtype != torch.bfloat16 or torch.device(device).type != "cpu":
         return
-    try:
-        mode = kernels.bf16_matmul_mode()
-    except ValueError as exc:
-        raise QwenliteError(str(exc)) from None
-    if mode == "native" and kernels.cpu_lacks_bf16():
-        print(f"note: this CPU has no bf16 instructions and ${kernels.ENV}=native: bf16 matmuls "
+    if emulation.bf16_matmul_mode() == "native" and emulation.cpu_lacks_bf16():
+        print(f"note: this CPU has no bf16 instructions and ${settings.BF16_ENV}=native: bf16 matmuls "
               "run several times slower than fp32 here", file=sys.stderr)
 
 
@@ -211,13 +194,20 @@ def main_guard(func: Callable[..., int | None]) -> Callable[..., int]:
     exception is a bug and keeps its traceback; with ``$QWENLITE_DEBUG=1`` every exception does.
     The wrapped ``main`` returns the exit status, also when argparse refuses the command line
     (its ``SystemExit``, after its one line), so in-process callers get a status, not an exit.
+
+    As the process's entry point it also sets glibc's malloc to keep freed memory
+    (:func:`qwenlite.accel.memory.keep_freed_memory`; ``QWENLITE_MALLOC=system`` does not).
     """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs) -> int:
+        from qwenlite.accel.memory import keep_freed_memory
+
         if debugging():
+            keep_freed_memory()
             return int(func(*args, **kwargs) or 0)
         try:
+            keep_freed_memory()
             code = func(*args, **kwargs)
         except QwenliteError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwenlite.data import Split, load_dataset, resolve_data
     from qwenlite.evaluate import check_run_dir
     from qwenlite.lora import load_adapter
+    from qwenlite.accel import for_device
     from qwenlite.model.loading import load_model
     from qwenlite.preprocessor import LLMTimeSettings
     from qwenlite.tokenizer import Tokenizer
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 systems=len(systems), split="val")
 
     tok = Tokenizer(weights)
-    model = load_model(weights, dtype=args.dtype, device=device)
+    model = for_device(load_model(weights, dtype=args.dtype, device=device))
     model.eval()
     opts = dict(samples=args.samples, temperature=args.temperature, batch=args.batch, seed=0,
                 progress=not args.no_progress)

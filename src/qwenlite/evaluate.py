@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwenlite.generate import generation_flops
     from qwenlite.lora import load_adapter, lora_layers
     from qwenlite.metrics import crps_from_samples, summarize
+    from qwenlite.accel import for_device
     from qwenlite.model.loading import load_model
     from qwenlite.preprocessor import encode
     from qwenlite.tokenizer import Tokenizer
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     contexts, truth = traj[:, :k], traj[:, k:k + h]
 
     warn_if_slow_bf16(resolve_dtype(args.dtype), device)
-    model = load_model(weights, dtype=args.dtype, device=device)
+    model = for_device(load_model(weights, dtype=args.dtype, device=device))
     if args.adapter:
         load_adapter(model, Path(args.adapter) / "adapter")
         for layer in lora_layers(model).values():

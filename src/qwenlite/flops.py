@@ -35,6 +35,7 @@ from qwenlite.cli import (ArgumentParser, existing_dir, main_guard, name_list, p
                           weights_dir_from)
 from qwenlite.errors import QwenliteError
 from qwenlite.generate import generation_flops as _generation_flops
+from qwenlite.loss import loss_flops
 from qwenlite.lora import DEFAULT_TARGETS, PROJECTIONS, LoRALinear, add_logit_bias, apply_lora
 from qwenlite.model.config import PRESETS, QwenConfig
 from qwenlite.model.counting import FlopCount, matmul_flops
@@ -99,8 +100,10 @@ def forward_flops(model: QwenForCausalLM, seq_len: int, batch: int = 1, *, n_cac
     _check_positive(seq_len=seq_len, batch=batch)
     if n_cached < 0:
         raise QwenliteError(f"n_cached must be >= 0, got {n_cached}")
-    return model.flops(seq_len, n_cached, logits=logits, gqa_as_mha=gqa_as_mha,
-                       loss=loss).scaled(batch)
+    count = model.flops(seq_len, n_cached, logits=logits, gqa_as_mha=gqa_as_mha)
+    if loss:
+        count["loss"] = loss_flops(seq_len if logits is None else logits, model.config.vocab_size)
+    return count.scaled(batch)
 
 
 def generation_flops(model: QwenForCausalLM, prompt_len: int, decode_steps: int,

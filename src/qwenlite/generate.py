@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from qwenlite.model import kernels
+from qwenlite.accel import kernels
 from qwenlite.model.counting import FlopCount, matmul_flops
 from qwenlite.model.decoder import QwenForCausalLM
 
@@ -147,8 +148,11 @@ def generate(
     def last_hidden(ids, **kwargs):
         return model(ids, logits_to_keep=1, return_hidden=True, **kwargs)[:, -1]
 
+    # the head's rows as the head itself runs them (accelerated or plain)
+    sub_linear = kernels.linear if isinstance(model.lm_head, kernels.Linear) else F.linear
+
     def logits_of(h):
-        return model.lm_head(h) if sub_ids is None else kernels.linear(h, head, head_bias)
+        return model.lm_head(h) if sub_ids is None else sub_linear(h, head, head_bias)
 
     cache = model.new_cache(b, total)
     # On a CPU, long prompts of different lengths are prefilled one by one, each at its own
@@ -270,6 +274,7 @@ def build_parser():
 
 def _main(argv: list[str] | None) -> int:
     from qwenlite.cli import resolve_device, resolve_dtype, resolve_weights, warn_if_slow_bf16
+    from qwenlite.accel import for_device
     from qwenlite.model.loading import load_model
     from qwenlite.tokenizer import Tokenizer
 
@@ -278,7 +283,7 @@ def _main(argv: list[str] | None) -> int:
     weights = resolve_weights(args.weights)
     device = resolve_device(args.device)
     warn_if_slow_bf16(resolve_dtype(args.dtype), device)
-    model = load_model(weights, dtype=args.dtype, device=device)
+    model = for_device(load_model(weights, dtype=args.dtype, device=device))
     tok = Tokenizer(weights)
     ids = tok.encode(args.prompt)
     if not ids:

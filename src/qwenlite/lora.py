@@ -27,7 +27,6 @@ from torch import nn
 from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io import atomic_write_text, read_json_object
 from qwenlite.model.counting import FlopCount, linear_flops, matmul_flops
-from qwenlite.model.kernels import Linear
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 # The linear layers of a Qwen2 decoder layer that LoRA can adapt (attention, then MLP).
@@ -58,8 +57,9 @@ class LoRALinear(nn.Module):
         self.alpha = alpha
         self.scaling = alpha / r
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = Linear(base.in_features, r, bias=False, **factory)
-        self.lora_B = Linear(r, base.out_features, bias=False, **factory)
+        layer = type(base)  # A and B run as the base runs (plain, or an accelerated Linear)
+        self.lora_A = layer(base.in_features, r, bias=False, **factory)
+        self.lora_B = layer(r, base.out_features, bias=False, **factory)
         self.merged = False
         self.reset_parameters()
 

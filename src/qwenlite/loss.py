@@ -15,9 +15,17 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from qwenlite.model import kernels
+from qwenlite.accel import emulation
+from qwenlite.model.counting import EXP, LOG
 
 CHUNK = 256
+
+
+def loss_flops(positions: int, vocab: int) -> int:
+    """FLOPS of the mean cross-entropy over ``positions`` logit rows of width ``vocab``:
+    log-softmax per position (max, subtract, exp, sum, log, subtract), the NLL pick and mean."""
+    per_pos = (vocab - 1) + vocab + EXP * vocab + (vocab - 1) + LOG + 1
+    return positions * per_pos + positions
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -32,9 +40,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_bias_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         # bf16 on a CPU without bf16 units: the same bf16 matmuls, run on the fp32 units.
-        emulate = kernels.emulating(h)
+        emulate = emulation.emulating(h)
         bf16 = torch.bfloat16
-        w = kernels.as_bf16_fp32(weight, rows=n) if emulate else weight
+        w = emulation.as_bf16_fp32(weight, rows=n) if emulate else weight
         with torch.autocast("cpu", enabled=False) if emulate else nullcontext():
             for s in range(0, n, chunk):
                 e = min(s + chunk, n)

@@ -147,8 +147,9 @@ class Trainer:
         """Read and check everything the run needs (data, split, α, windows, model); writes
         nothing, so a run refused here leaves the run directory as it was (or absent)."""
         from qwenlite.data import load_dataset, make_training_windows, split_systems
-        from qwenlite.flops import train_step_flops
+        from qwenlite.flops import forward_flops, train_step_flops
         from qwenlite.lora import add_logit_bias, apply_lora
+        from qwenlite.accel import for_device
         from qwenlite.model.loading import load_model
         from qwenlite.preprocessor import LLMTimeSettings, encode, fit_alpha
         from qwenlite.tokenizer import Tokenizer
@@ -183,7 +184,7 @@ class Trainer:
         self.val_ids = val.input_ids[pick]
         self.val_mask = None if val.loss_mask is None else val.loss_mask[pick]
 
-        self.model = load_model(cfg.weights, dtype=torch.float32, device=self.device)
+        self.model = for_device(load_model(cfg.weights, dtype=torch.float32, device=self.device))
         torch.manual_seed(cfg.seed)  # LoRA A's initialisation: same seed, same run
         self.model.requires_grad_(False)
         if cfg.rank:
@@ -195,7 +196,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.batches = Batches(len(self.train_windows.input_ids), cfg.batch, cfg.seed)
         self.step_flops = train_step_flops(self.model, cfg.context, cfg.batch).rule
-        self.eval_flops = self.model.flops(cfg.context, loss=True).total() * len(self.val_ids)
+        self.eval_flops = forward_flops(self.model, cfg.context, loss=True).total() * len(self.val_ids)
         self.tokens_per_step = cfg.context * cfg.batch
 
     def write_run_files(self) -> None:

@@ -199,7 +199,7 @@ def cost(exp: Experiment, scale: Scale, config, val_lengths, test_lengths,
          _evals: dict | None = None) -> Costs:
     """What ``exp`` costs by the FLOPS module's own count, at its worst case. ``_evals`` caches
     the evaluation FLOPS, which depend only on whether the LM head has a bias."""
-    from qwenlite.flops import counting_model, train_step_flops
+    from qwenlite.flops import counting_model, forward_flops, train_step_flops
     from qwenlite.train import n_validations
 
     e = exp.worst_case(scale)
@@ -207,7 +207,7 @@ def cost(exp: Experiment, scale: Scale, config, val_lengths, test_lengths,
     if e.trains:
         model = counting_model(config, e.rank or None, logit_bias=bool(e.logit_bias))
         step = train_step_flops(model, e.context, e.batch).rule
-        val = model.flops(e.context, loss=True).total() * scale.eval_windows
+        val = forward_flops(model, e.context, loss=True).total() * scale.eval_windows
         train = e.steps * step + n_validations(e.steps, e.steps, scale.eval_interval) * val
     _evals = {} if _evals is None else _evals
     bias = bool(e.logit_bias)

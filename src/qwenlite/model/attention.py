@@ -6,11 +6,10 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qwenlite.model import kernels
 from qwenlite.model.counting import EXP, FlopCount, linear_flops, matmul_flops
-from qwenlite.model.kernels import Linear
 from qwenlite.model.rope import RotaryEmbedding
 
 
@@ -24,17 +23,11 @@ class KVCache:
         n_layers, batch, n_kv_heads, max_len, head_dim: buffer shape
             ``(n_layers, batch, n_kv_heads, max_len, head_dim)`` for keys and for values.
         dtype: the keys' and values' dtype.
-        widen_bf16: hold bf16 keys and values in fp32 buffers (exactly: widening bf16 to fp32
-            loses nothing), for attention emulated on the fp32 units, which would otherwise
-            widen the whole cache at every decode step (see :meth:`QwenForCausalLM.new_cache`).
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, widen_bf16: bool = False):
+                 dtype: torch.dtype, device: torch.device | str):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
-        self.holds_bf16 = widen_bf16 and dtype == torch.bfloat16
-        if self.holds_bf16:
-            dtype = torch.float32
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
@@ -66,6 +59,9 @@ class Attention(nn.Module):
     :func:`torch.nn.functional.scaled_dot_product_attention`; ``impl="eager"`` spells out the
     operations that :meth:`flops` counts (scores, scale, mask, softmax, weighted values), which
     lets tests check the count against an operation counter.
+
+    :meth:`project_qkv` and :meth:`attend` are the two steps a backend may override (a subclass
+    swapped in after loading, as :mod:`qwenlite.accel` does); they compute the same values.
     """
 
     def __init__(self, config, layer_idx: int = 0):
@@ -75,10 +71,10 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         d = config.hidden_size
-        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.impl = "sdpa"
 
     def forward(
@@ -102,30 +98,38 @@ class Attention(nn.Module):
             (batch, n, hidden).
         """
         b, n, _ = x.shape
-        q, k, v = kernels.linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.project_qkv(x)
         q = q.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = RotaryEmbedding.apply(q, cos, sin)
         k = RotaryEmbedding.apply(k, cos, sin)
-        kv_bf16 = False
+        source = None
         if cache is not None:
             k_all, v_all = cache.update(self.layer_idx, cache_start, k, v)
             if cache_start:  # a prefill attends to its own fresh (contiguous) keys and values
-                k, v = k_all, v_all
-                kv_bf16 = cache.holds_bf16
-        causal = mask is None and n > 1
-        if self.impl == "eager":
-            out = self._eager(q, k, v, mask, causal)
-        else:
-            out = kernels.attention(
-                q, k, v, attn_mask=mask, is_causal=causal,
-                enable_gqa=self.n_kv_heads != self.n_heads, kv_bf16=kv_bf16,
-            )
+                k, v, source = k_all, v_all, cache
+        out = self.attend(q, k, v, mask, causal=mask is None and n > 1, cache=source)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (batch, n, hidden) -> q (batch, n, heads·head_dim), k and v (batch, n,
+        kv_heads·head_dim)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, causal: bool,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """softmax(q·kᵀ/√d + mask)·v for q (batch, heads, n, head_dim) and k, v (batch, kv_heads,
+        m, head_dim): (batch, heads, n, head_dim). ``cache`` is the cache ``k`` and ``v`` were
+        read from (None: they are this call's own), for a backend that stores them its way."""
+        if self.impl == "eager":
+            return self._eager(q, k, v, mask, causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)
+
     def _eager(self, q, k, v, mask, causal):
-        k, v = k.to(q.dtype), v.to(q.dtype)  # a widened bf16 cache holds them in fp32
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a backend's cache may hold them wider
         groups = self.n_heads // self.n_kv_heads
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
@@ -164,8 +168,7 @@ class Attention(nn.Module):
         count += linear_flops(self.q_proj, n).prefixed("q_proj")
         count += linear_flops(self.k_proj, n, kv_width).prefixed("k_proj")
         count += linear_flops(self.v_proj, n, kv_width).prefixed("v_proj")
-        rope_q = 3 * hd + hd // 2
-        count["rope"] = n * (h + kv_heads) * rope_q
+        count += RotaryEmbedding.flops(n, h + kv_heads, hd)  # queries and keys
         count["scores"] = h * matmul_flops(n, hd, m)
         count["scale"] = h * n * m
         if masked:

@@ -6,7 +6,25 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from qwenlite.errors import CheckpointError, QwenliteError
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map ``fp32``/``bf16`` (or ``float32``/``bfloat16``, or a torch dtype) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise QwenliteError(f"unsupported dtype {name}; use fp32 or bf16")
+        return name
+    aliases = {"float32": "fp32", "bfloat16": "bf16"}
+    key = aliases.get(name, name)
+    if key not in DTYPES:
+        raise QwenliteError(f"unknown dtype {name!r}; use fp32 or bf16")
+    return DTYPES[key]
 
 
 @dataclass(frozen=True)

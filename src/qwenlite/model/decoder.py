@@ -5,11 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwenlite.model import kernels, skinny
 from qwenlite.model.attention import Attention, KVCache
 from qwenlite.model.config import QwenConfig
-from qwenlite.model.counting import EXP, LOG, FlopCount, linear_flops
-from qwenlite.model.kernels import Linear
+from qwenlite.model.counting import FlopCount, linear_flops
 from qwenlite.model.mlp import SwiGLU
 from qwenlite.model.norm import RMSNorm
 from qwenlite.model.rope import RotaryEmbedding
@@ -102,13 +100,18 @@ class QwenForCausalLM(nn.Module):
 
     Call ``model(input_ids, attention_mask=None)`` for logits (batch, seq, vocab). Left padding is
     supported: positions are counted from each sequence's first real token.
+
+    ``cache_factory`` makes the caches :meth:`new_cache` returns (called with
+    :class:`KVCache`'s arguments); a backend may set its own on an instance.
     """
+
+    cache_factory = KVCache
 
     def __init__(self, config: QwenConfig):
         super().__init__()
         self.config = config
         self.model = QwenModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -167,26 +170,15 @@ class QwenForCausalLM(nn.Module):
         return self.lm_head(h)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """A zeroed KV cache for ``batch`` sequences of up to ``max_len`` tokens.
-
-        A bf16 model whose matmuls are emulated on the fp32 units (:mod:`kernels`) keeps its keys
-        and values in bf16 where the decode kernel (:mod:`skinny`) runs its attention, which reads
-        them as they are: for 8 sequences × 900 cached tokens, 24 layers took 12.0 ms so against
-        16.9 ms over an fp32 cache (``python benchmarks/bench_cpu_measures.py
-        decode-attention``). Without the kernel it keeps them in fp32 (the same bf16 values, twice
-        the memory), so that SDPA reads them as they are instead of widening the whole cache at
-        every decode step: that widening took 5.1–7.6 ms of a step at 8 × 900 tokens and
-        1.8–2.5 ms at 250 (same benchmark)."""
+        """A zeroed KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
         c = self.config
-        widen = (self.dtype == torch.bfloat16 and self.device.type == "cpu"
-                 and kernels.bf16_matmul_mode() == "emulate" and not skinny.enabled())
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
-                       self.dtype, self.device, widen_bf16=widen)
+        return self.cache_factory(c.num_hidden_layers, batch, c.num_key_value_heads, max_len,
+                                  c.head_dim, self.dtype, self.device)
 
     def flops(self, n_new: int, n_cached: int = 0, logits: int | None = None,
-              masked: bool | None = None, gqa_as_mha: bool = False,
-              loss: bool = False) -> FlopCount:
-        """FLOPS of one sequence's forward.
+              masked: bool | None = None, gqa_as_mha: bool = False) -> FlopCount:
+        """FLOPS of one sequence's forward (the training loss is counted beside it,
+        :func:`qwenlite.loss.loss_flops`).
 
         Args:
             n_new: tokens computed in this call.
@@ -194,14 +186,8 @@ class QwenForCausalLM(nn.Module):
             logits: positions that go through the LM head (default all ``n_new``).
             masked: whether attention scores get a mask added (default: ``n_new > 1``).
             gqa_as_mha: count K/V projections full-width (see :meth:`Attention.flops`).
-            loss: add the cross-entropy loss over the ``logits`` positions (training).
         """
         count = self.model.flops(n_new, n_cached, masked, gqa_as_mha).prefixed("model")
         positions = n_new if logits is None else logits
         count += linear_flops(self.lm_head, positions).prefixed("lm_head")
-        if loss:
-            v = self.config.vocab_size
-            # log-softmax per position (max, subtract, exp, sum, log, subtract) + NLL mean.
-            per_pos = (v - 1) + v + EXP * v + (v - 1) + LOG + 1
-            count["loss"] = positions * per_pos + positions
         return count

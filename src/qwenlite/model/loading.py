@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from qwenlite.errors import CheckpointError
-from qwenlite.model.config import QwenConfig
+from qwenlite.model.config import QwenConfig, resolve_dtype
 from qwenlite.model.decoder import QwenForCausalLM
-from qwenlite.model.memory import keep_freed_memory
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -47,24 +46,20 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: torch.device | str = "cpu",
 ) -> QwenForCausalLM:
-    """Load a Qwen2.5 checkpoint directory into a :class:`QwenForCausalLM` in eval mode.
+    """Load a Qwen2.5 checkpoint directory into a plain :class:`QwenForCausalLM` in eval mode
+    (:func:`qwenlite.load_model` also applies the CPU acceleration, :mod:`qwenlite.accel`).
 
     Args:
         weights: directory with ``config.json`` and ``model.safetensors`` (or an index + shards).
         dtype: ``torch.float32``/``torch.bfloat16`` or ``"fp32"``/``"bf16"``.
         device: where the parameters go.
 
-    Also tunes glibc malloc to keep freed memory (:mod:`qwenlite.model.memory`).
-
     Raises:
         CheckpointError: one line naming the file/tensor and what was expected vs found.
     """
     from safetensors import safe_open
 
-    from qwenlite.cli import resolve_dtype
-
     dtype = resolve_dtype(dtype)
-    keep_freed_memory()
     directory = Path(weights)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")

@@ -6,24 +6,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenlite.model import kernels
 from qwenlite.model.counting import EXP, FlopCount, linear_flops
-from qwenlite.model.kernels import Linear
 
 
 class SwiGLU(nn.Module):
-    """Gate and up projections without bias, SiLU gating, down projection without bias."""
+    """Gate and up projections without bias, SiLU gating, down projection without bias.
+
+    :meth:`project_gate_up` is the step a backend may override (:mod:`qwenlite.accel`)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq, hidden) -> (batch, seq, hidden)."""
-        gate, up = kernels.linears(x, (self.gate_proj, self.up_proj))
+        gate, up = self.project_gate_up(x)
         return self.down_proj(F.silu(gate) * up)
+
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (batch, seq, hidden) -> gate, up: (batch, seq, intermediate)."""
+        return self.gate_proj(x), self.up_proj(x)
 
     def flops(self, n_tokens: int) -> FlopCount:
         """Projections as matmuls; SiLU(g) = g / (1 + exp(−g)) is a negation, an exp, an add and

@@ -56,9 +56,9 @@ class RotaryEmbedding(nn.Module):
         """x: (batch, heads, seq, head_dim) rotated by position: x·cos + rotate_half(x)·sin."""
         return x * cos + rotate_half(x) * sin
 
-    def flops(self, n_tokens: int, n_heads: int) -> FlopCount:
-        """Applying the rotation (computing cos/sin is free by the coursework's rule): per head
-        element one multiply by cos, one by sin, one add, and a negation for half of them."""
-        hd = self.head_dim
-        per_token = n_heads * (3 * hd + hd // 2)
-        return FlopCount(rope=n_tokens * per_token)
+    @staticmethod
+    def flops(n_tokens: int, n_heads: int, head_dim: int) -> FlopCount:
+        """Applying the rotation to ``n_heads`` heads of ``n_tokens`` tokens (computing cos/sin
+        is free by the coursework's rule): per head element one multiply by cos, one by sin, one
+        add, and a negation for half of them (:func:`rotate_half`)."""
+        return FlopCount(rope=n_tokens * n_heads * (3 * head_dim + head_dim // 2))

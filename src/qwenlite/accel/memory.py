@@ -15,21 +15,20 @@ this setting; ``log_softmax`` of (256, 151936) 84 against 31 ms. With it (and th
 heap, so freed blocks are reused instead of being returned and faulted in again. The process
 keeps its high-water mark of memory rather than shrinking between steps; peak memory is the
 same. (A kernel that reclaims idle memory proactively, as DAMON does on this project's VM, may
-still take kept pages back now and then; in a training loop they stay in use.) It is called by
-:func:`qwenlite.model.load_model`. ``QWENLITE_MALLOC=system`` leaves malloc as it is; on other C
-libraries (macOS, Windows, musl) it does nothing.
+still take kept pages back now and then; in a training loop they stay in use.) The command-line
+entry points call it (:func:`qwenlite.cli.main_guard`); a library call never changes the
+process's allocator behind its caller's back. ``QWENLITE_MALLOC=system`` leaves malloc as it is
+(:mod:`qwenlite.accel.settings`); on other C libraries (macOS, Windows, musl) it does nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import sys
 
-from qwenlite.errors import QwenliteError
+from qwenlite.accel import settings
 
-ENV = "QWENLITE_MALLOC"
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 30
@@ -39,10 +38,7 @@ TRIM_THRESHOLD = 2**31 - 1
 @functools.cache
 def keep_freed_memory() -> bool:
     """Tune glibc malloc once per process (see the module doc); True if it was tuned."""
-    setting = os.environ.get(ENV, "keep").strip().lower() or "keep"
-    if setting not in ("keep", "system"):
-        raise QwenliteError(f"${ENV} must be 'keep' or 'system', got {setting!r}")
-    if setting == "system" or not sys.platform.startswith("linux"):
+    if settings.current().malloc == "system" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)  # the C library the process already uses

@@ -4,12 +4,12 @@ A decode step multiplies a few rows (one token per sequence) by every weight of 
 speed is how fast the weights stream through the FMA units. For 8 rows BLAS does poorly there:
 oneDNN's best (weights reordered once into its blocked layout, fp32) reaches ~70 GFLOPS on a
 2-core Zen 3, where a large fp32 matmul reaches ~160. And a bf16 model on a CPU without bf16
-arithmetic had to keep a second, fp32 copy of every weight for it (:mod:`kernels`).
+arithmetic had to keep a second, fp32 copy of every weight for it (:mod:`~qwenlite.accel.packing`).
 
 ``skinny.cpp`` computes each output as a dot product along the weight's rows, 8 lanes at a time,
 reading the weights as they are stored — bf16 (widened as they are read, exactly) or fp32 — with
 every product and sum in fp32 and the output rounded to bf16 for a bf16 model: the arithmetic of
-a bf16 GEMM, as :mod:`kernels` emulates it. No reordered or widened copy is kept. All of a 0.5B
+a bf16 GEMM, as :mod:`~qwenlite.accel.emulation` emulates it. No reordered or widened copy is kept. All of a 0.5B
 model's decode-step matmuls for 8 rows took 76.4 ms over bf16 weights and 116.9 ms over fp32
 ones, where oneDNN took 122.9 ms over its prepacked fp32 copies
 (``python benchmarks/bench_cpu_measures.py decode-matmuls``). It also computes a decode step's
@@ -22,7 +22,8 @@ into ``$QWENLITE_CACHE/kernels`` (default ``~/.cache/qwenlite``), loaded with ct
 against torch before it serves. Its threads are OpenMP's: torch's own runtime where torch ships
 ``libgomp.so.1`` (its Linux wheels), which the kernel then shares.
 Where it cannot be built (no compiler, another CPU or OS) decode steps run as before, through
-oneDNN and SDPA, with one warning saying why. ``QWENLITE_DECODE_KERNEL=0`` turns it off.
+oneDNN and SDPA, with one warning saying why. ``QWENLITE_DECODE_KERNEL=0`` turns it off
+(:mod:`qwenlite.accel.settings`).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ from pathlib import Path
 
 import torch
 
+from qwenlite.accel import settings
+from qwenlite.accel.settings import KERNEL_ENV
 from qwenlite.io import cache_dir
 
-ENV = "QWENLITE_DECODE_KERNEL"
 MAX_ROWS = 32
 """Most rows a call takes; more rows run through oneDNN (at 32 rows the kernel still led it, at
 64 they were level)."""
@@ -188,22 +190,23 @@ def _load():
 
 
 def enabled() -> bool:
-    """Whether decode steps use the kernel: ``$QWENLITE_DECODE_KERNEL`` is not ``0`` and it runs
+    """Whether decode steps use the kernel: :attr:`Settings.decode_kernel
+    <qwenlite.accel.settings.Settings>` (``$QWENLITE_DECODE_KERNEL`` not ``0``) and it runs
     here (built on the first call; a warning says why where it cannot be)."""
-    if os.environ.get(ENV, "1").strip() == "0":
+    if not settings.current().decode_kernel:
         return False
     lib, why = _load()
     if lib is None and why not in _warned:
         _warned.add(why)
         warnings.warn(f"qwenlite: the decode kernel is off ({why}); decode steps run through "
-                      f"oneDNN, slower. {ENV}=0 silences this.", RuntimeWarning, stacklevel=3)
+                      f"oneDNN, slower. {KERNEL_ENV}=0 silences this.", RuntimeWarning, stacklevel=3)
     return lib is not None
 
 
 def status() -> str:
     """One line for logs and benchmarks: whether decode steps use the kernel, and if not why."""
-    if os.environ.get(ENV, "1").strip() == "0":
-        return f"decode kernel off (${ENV}=0)"
+    if not settings.current().decode_kernel:
+        return f"decode kernel off (${KERNEL_ENV}=0)"
     lib, why = _load()
     return "decode kernel on (AVX2 C++)" if lib is not None else f"decode kernel off: {why}"
 
