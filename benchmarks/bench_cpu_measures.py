@@ -226,9 +226,9 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
 
 def prefill(weights, data, repeats: int, n_prompts: int, steps: int, dtype: str) -> None:
     from qwenlite.accel import apply
-    from qwenlite.generate import generate
+    from qwenlite.data.tokenizer import Tokenizer
+    from qwenlite.evaluation.generation import generate
     from qwenlite.model import load_model
-    from qwenlite.tokenizer import Tokenizer
 
     prompts = llmtime_prompts(Tokenizer(weights), n_prompts, steps, data)
     model = apply(load_model(weights, dtype=dtype))

@@ -17,20 +17,33 @@ import time
 
 import numpy as np
 import torch
-from common import DTYPES, ROOT, fmt_table, free_memory, left_pad, machine, weights_from_args, \
-    write_results
+from common import (
+    DTYPES,
+    ROOT,
+    fmt_table,
+    free_memory,
+    left_pad,
+    machine,
+    weights_from_args,
+    write_results,
+)
 
-from qwenlite.data import load_dataset, resolve_data
-from qwenlite.evaluate import forecast_token_ids, llm_forecast, max_tokens_for
 from qwenlite.accel import apply
+from qwenlite.data import load_dataset, resolve_data
+from qwenlite.data.llmtime import LLMTimeSettings, decode, encode, fit_alpha
+from qwenlite.data.tokenizer import Tokenizer
+from qwenlite.evaluation.forecasting import forecast_token_ids, llm_forecast, max_tokens_for
 from qwenlite.model import load_model
-from qwenlite.preprocessor import LLMTimeSettings, decode, encode, fit_alpha
-from qwenlite.tokenizer import Tokenizer
 
 
 def transformers_forecast(weights, dtype, tok, settings, contexts, horizon):
-    from transformers import (LogitsProcessor, LogitsProcessorList, Qwen2ForCausalLM,
-                              StoppingCriteria, StoppingCriteriaList)
+    from transformers import (
+        LogitsProcessor,
+        LogitsProcessorList,
+        Qwen2ForCausalLM,
+        StoppingCriteria,
+        StoppingCriteriaList,
+    )
 
     allowed, sep = forecast_token_ids(tok, settings)
     model = Qwen2ForCausalLM.from_pretrained(weights, dtype=dtype, attn_implementation="sdpa").eval()

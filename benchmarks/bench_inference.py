@@ -28,13 +28,25 @@ import os
 import time
 
 import torch
-from common import (DTYPES, fmt_table, free_memory, left_pad, llmtime_prompts, machine,
-                    describe_rates, matmul_rates, peak_rss_gb, timed, weights_from_args, write_results)
+from common import (
+    DTYPES,
+    describe_rates,
+    fmt_table,
+    free_memory,
+    left_pad,
+    llmtime_prompts,
+    machine,
+    matmul_rates,
+    peak_rss_gb,
+    timed,
+    weights_from_args,
+    write_results,
+)
 
-from qwenlite.generate import generate
 from qwenlite.accel import apply
+from qwenlite.data.tokenizer import Tokenizer
+from qwenlite.evaluation.generation import generate
 from qwenlite.model import load_model
-from qwenlite.tokenizer import Tokenizer
 
 
 class Qwenlite:
@@ -167,9 +179,8 @@ def main() -> None:
     prompts = llmtime_prompts(tok, args.prompts, args.prompt_steps, args.data)
     gen = torch.Generator().manual_seed(0)
     fwd_ids = torch.randint(0, 151000, (args.forward_batch, args.forward_seq), generator=gen)
-    from qwenlite.accel.memory import keep_freed_memory
-
     from qwenlite.accel import skinny
+    from qwenlite.accel.memory import keep_freed_memory
 
     malloc = "keep freed memory" if keep_freed_memory() else "system"
     print(f"checkpoint {weights}; {machine()}; malloc ({malloc}) shared by both implementations; "

@@ -27,8 +27,16 @@ import sys
 import time
 
 import torch
-from common import (DTYPES, describe_rates, fmt_table, machine, matmul_rates, peak_rss_gb,
-                    weights_from_args, write_results)
+from common import (
+    DTYPES,
+    describe_rates,
+    fmt_table,
+    machine,
+    matmul_rates,
+    peak_rss_gb,
+    weights_from_args,
+    write_results,
+)
 
 
 def worker(impl: str, weights: str, dtype: str, batch: int, seq: int, steps: int,
@@ -40,10 +48,10 @@ def worker(impl: str, weights: str, dtype: str, batch: int, seq: int, steps: int
     ids = torch.randint(0, 151000, (batch, seq), generator=gen)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     if impl == "qwenlite":
-        from qwenlite.lora import apply_lora
         from qwenlite.accel import apply
         from qwenlite.model import load_model
-        from qwenlite.train import lm_loss
+        from qwenlite.training.lora import apply_lora
+        from qwenlite.training.trainer import lm_loss
 
         model = apply(load_model(weights, dtype=torch.float32))
         apply_lora(model, r=4, alpha=4)

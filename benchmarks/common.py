@@ -71,7 +71,7 @@ def describe_rates(name: str, rates: dict[str, float]) -> str:
 def llmtime_prompts(tokenizer, n_prompts: int, steps: int, data: str | None = None) -> list[list[int]]:
     """Token ids of the first ``steps`` timesteps of ``n_prompts`` systems, LLMTIME-encoded."""
     from qwenlite.data import load_dataset, resolve_data
-    from qwenlite.preprocessor import LLMTimeSettings, encode, fit_alpha
+    from qwenlite.data.llmtime import LLMTimeSettings, encode, fit_alpha
 
     real = ROOT.parent / "shared" / "data" / "lotka_volterra_data.h5"
     path = resolve_data(data or (str(real) if real.is_file() else None))

@@ -70,7 +70,7 @@ def test_apply_and_remove_swap_classes_and_keep_the_parameters():
 
 
 def test_lora_layers_run_as_the_layer_they_wrap():
-    from qwenlite.lora import apply_lora
+    from qwenlite.training.lora import apply_lora
 
     for accelerated in (False, True):
         model = init_random(QwenConfig.from_name("tiny"))

@@ -3,15 +3,19 @@ survives garbage, and the ODE baseline beating the naive ones on the real data."
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from conftest import REAL_DATA, requires_real_data
 from scipy.integrate import solve_ivp
 
-from qwenlite.baselines import (BASELINES, fit_lotka_volterra, linear, lotka_volterra,
-                                persistence)
 from qwenlite.errors import QwenliteError
+from qwenlite.evaluation.baselines import (
+    BASELINES,
+    fit_lotka_volterra,
+    linear,
+    lotka_volterra,
+    persistence,
+)
 
 
 def simulate(rates, initial, t):

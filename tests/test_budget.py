@@ -11,8 +11,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-from qwenlite.budget import Ledger
 from qwenlite.errors import BudgetError, QwenliteError
+from qwenlite.training.ledger import Ledger
 
 
 def test_refuses_a_plan_over_budget(tmp_path):

@@ -13,12 +13,23 @@ import pytest
 import torch
 from conftest import REAL_DATA, ROOT, requires_real_data
 
-from qwenlite.data import (Split, default_data_path, forecast_examples, load_dataset,
-                           main, make_training_windows, resolve_data, save_dataset, simulate,
-                           simulate_to, split_systems, summary_statistics)
+from qwenlite.data import (
+    Split,
+    default_data_path,
+    forecast_examples,
+    load_dataset,
+    main,
+    make_training_windows,
+    resolve_data,
+    save_dataset,
+    simulate,
+    simulate_to,
+    split_systems,
+    summary_statistics,
+)
+from qwenlite.data.llmtime import LLMTimeSettings, decode, encode
 from qwenlite.errors import DataError, QwenliteError
 from qwenlite.io import CACHE_ENV
-from qwenlite.preprocessor import LLMTimeSettings, decode, encode
 
 
 @pytest.fixture(scope="module")

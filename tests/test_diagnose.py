@@ -7,8 +7,9 @@ import json
 import numpy as np
 from conftest import make_forecasting_setup, requires_tokenizer
 
-from qwenlite.diagnose import char_classes, collapsed, main
-from qwenlite.preprocessor import LLMTimeSettings
+from qwenlite.data.llmtime import LLMTimeSettings
+from qwenlite.diagnose import main
+from qwenlite.evaluation.diagnosis import char_classes, collapsed
 
 
 def test_every_character_gets_its_place():

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from conftest import make_forecasting_setup, requires_tokenizer
 
-from qwenlite.budget import Ledger
 from qwenlite.data import load_dataset
-from qwenlite.evaluate import llm_forecast, main
+from qwenlite.data.llmtime import LLMTimeSettings, encode, fit_alpha
+from qwenlite.data.tokenizer import Tokenizer
+from qwenlite.evaluate import main
+from qwenlite.evaluation.forecasting import llm_forecast
 from qwenlite.model import load_model
-from qwenlite.preprocessor import LLMTimeSettings, encode, fit_alpha
-from qwenlite.tokenizer import Tokenizer
+from qwenlite.training.ledger import Ledger
 
 pytestmark = requires_tokenizer
 

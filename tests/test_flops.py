@@ -14,13 +14,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from qwenlite.flops import (MATMUL_PARTS, TRAIN_FACTOR, component, counting_model,
-                            executed_flops, forward_flops, generation_flops, main, summarize,
-                            train_step_flops, training_graph)
-from qwenlite.generate import generate
-from qwenlite.generate import generation_flops as generate_module_flops
-from qwenlite.lora import apply_lora
+from qwenlite.evaluation.generation import generate, run_flops
+from qwenlite.flops import (
+    MATMUL_PARTS,
+    TRAIN_FACTOR,
+    component,
+    counting_model,
+    executed_flops,
+    forward_flops,
+    generation_flops,
+    main,
+    summarize,
+    train_step_flops,
+    training_graph,
+)
 from qwenlite.model import QwenConfig, QwenForCausalLM, init_random
+from qwenlite.training.lora import apply_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = QwenConfig.from_name("tiny")
@@ -211,8 +220,8 @@ def test_generation_is_prefill_plus_decode_steps_in_closed_form():
     prefill = model.flops(p, logits=1).total()
     decode = s * model.flops(1, p, logits=1).total() + layers * h * (4 * hd + 14) * s * (s - 1) // 2
     assert gen.total() == b * (prefill + decode)
-    assert gen == generate_module_flops(model, p, s, b)
-    assert generation_flops(model, p, s, b, head_rows=12) == generate_module_flops(
+    assert gen == run_flops(model, p, s, b)
+    assert generation_flops(model, p, s, b, head_rows=12) == run_flops(
         model, p, s, b, head_rows=12)
     mha = generation_flops(model, p, s, b, gqa_as_mha=True)
     direct = model.flops(p, logits=1, gqa_as_mha=True).total() + sum(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwenlite.generate import generate, generation_flops
+from qwenlite.evaluation.generation import generate, run_flops
 from qwenlite.model import QwenConfig, init_random
 
 CONFIG = QwenConfig.from_name("tiny")
@@ -67,7 +67,7 @@ def test_sampling_is_seeded_and_top_p_narrows(model):
     assert tiny_p.tokens == greedy.tokens  # a nucleus of one token is greedy decoding
 
 
-def test_generation_flops_sum_prefill_and_steps(model):
+def test_run_flops_sum_prefill_and_steps(model):
     lengths = (5, 9, 7)
     # left-padded: every decode step adds a padding mask to its scores
     decode = sum(model.flops(1, 9 + i, logits=1, masked=True).total() for i in range(5))
@@ -75,14 +75,14 @@ def test_generation_flops_sum_prefill_and_steps(model):
                        per_sequence_prefill=False)
     assert batched.steps == 5 and batched.prompt_len == 9
     assert batched.flops.total() == 3 * (model.flops(9, 0, logits=1).total() + decode)
-    assert generation_flops(model, 9, 5, 3, padded=True).total() == batched.flops.total()
+    assert run_flops(model, 9, 5, 3, padded=True).total() == batched.flops.total()
     # prefilled one by one, each prompt costs its own length
     own = generate(model, _prompts(3, lengths), 6, eos_token_id=[], per_sequence_prefill=True)
     prefill = sum(model.flops(n, 0, logits=1).total() for n in lengths)
     assert own.flops.total() == prefill + 3 * decode
     assert own.flops.total() < batched.flops.total()
     same = generate(model, _prompts(3, lengths=(6, 6)), 4, eos_token_id=[])
-    assert same.flops.total() == generation_flops(model, 6, same.steps, 2).total()
+    assert same.flops.total() == run_flops(model, 6, same.steps, 2).total()
 
 
 def test_bad_arguments(model):

@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenlite.loss import linear_cross_entropy
-from qwenlite.accel import apply, emulation, kernels, packing, skinny
+from qwenlite.accel import apply, emulation, kernels, packing, settings
 from qwenlite.accel.modules import WideKVCache
-from qwenlite.accel import settings
 from qwenlite.accel.settings import BF16_ENV, Settings
 from qwenlite.errors import QwenliteError
 from qwenlite.model.config import QwenConfig
 from qwenlite.model.loading import init_random
+from qwenlite.training.loss import linear_cross_entropy
 
 BF16 = torch.bfloat16
 ULP = 2.0 ** -7  # bf16 spacing relative to a value in [1, 2)
@@ -405,7 +404,7 @@ def test_stacked_weight_is_refreshed_when_any_layer_changes(monkeypatch, onednn_
 def test_stacking_steps_aside(monkeypatch, onednn_decode):
     """Wide calls, autograd, a wrapped (LoRA) layer, hooks watching a layer and packing turned
     off all run the layers one by one."""
-    from qwenlite.lora import LoRALinear
+    from qwenlite.training.lora import LoRALinear
 
     monkeypatch.setattr(settings.current(), "pack_weights", True)
     layers = _projections(torch.float32)

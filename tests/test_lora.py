@@ -9,8 +9,8 @@ import torch
 from conftest import load_hf, make_hf_checkpoint
 
 from qwenlite.errors import CheckpointError, QwenliteError
-from qwenlite.lora import LoRALinear, apply_lora, load_adapter, lora_layers, save_adapter
 from qwenlite.model import load_model
+from qwenlite.training.lora import LoRALinear, apply_lora, load_adapter, lora_layers, save_adapter
 
 peft = pytest.importorskip("peft")
 
@@ -157,7 +157,7 @@ def test_lora_flops_add_their_parts(ckpt):
 def test_peft_users_load_the_logit_bias_beside_the_adapter(ckpt, tmp_path):
     """An adapter with a logit bias stays PEFT-loadable; the bias file is added to the PEFT
     model's LM head as the docs say, and its logits equal ours."""
-    from qwenlite.lora import add_logit_bias, load_logit_bias_into
+    from qwenlite.training.lora import add_logit_bias, load_logit_bias_into
 
     ours = load_model(ckpt)
     apply_lora(ours, r=2, alpha=4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qwenlite.loss import linear_cross_entropy
+from qwenlite.training.loss import linear_cross_entropy
 
 
 def _plain(h, w, t, mask):

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from qwenlite.errors import QwenliteError
 from qwenlite.accel import memory
 from qwenlite.accel.settings import MALLOC_ENV
+from qwenlite.errors import QwenliteError
 
 # In a fresh process: tune (or not), then allocate, fill and free a 64 MB tensor eight times and
 # report the fewest page faults of one cycle. The fewest, because a kernel that reclaims idle

@@ -12,8 +12,14 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from qwenlite.errors import QwenliteError
-from qwenlite.metrics import (bootstrap_ci, crps_from_samples, error_by_horizon, pad_forecast,
-                              point_metrics, summarize)
+from qwenlite.evaluation.metrics import (
+    bootstrap_ci,
+    crps_from_samples,
+    error_by_horizon,
+    pad_forecast,
+    point_metrics,
+    summarize,
+)
 
 # Two systems, two steps, two variables; the forecast is 0 so the errors are -truth.
 TRUTH = np.array([[[1.0, 2.0], [3.0, 4.0]],

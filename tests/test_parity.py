@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (REAL_DATA, TOKENIZER_JSON, load_hf, make_hf_checkpoint, real_weights,
-                      requires_real_data, requires_tokenizer, requires_weights)
+from conftest import (
+    REAL_DATA,
+    TOKENIZER_JSON,
+    load_hf,
+    make_hf_checkpoint,
+    real_weights,
+    requires_real_data,
+    requires_tokenizer,
+    requires_weights,
+)
 
 from qwenlite import accel
-from qwenlite.generate import generate
+from qwenlite.evaluation.generation import generate
 from qwenlite.model import load_model
 
 CASES = [
@@ -115,7 +123,7 @@ def test_cached_greedy_equals_uncached_and_transformers(pair):
 
 @requires_tokenizer
 def test_tokenizer_splits_digits():
-    from qwenlite.tokenizer import Tokenizer
+    from qwenlite.data.tokenizer import Tokenizer
 
     tok = Tokenizer(TOKENIZER_JSON)
     assert tok.encode("1.23") == [16, 13, 17, 18]
@@ -128,7 +136,7 @@ def _llmtime_prompt(n_steps: int) -> str:
     import h5py
     import numpy as np
 
-    from qwenlite.preprocessor import LLMTimeSettings, encode, fit_alpha
+    from qwenlite.data.llmtime import LLMTimeSettings, encode, fit_alpha
 
     with h5py.File(REAL_DATA, "r") as f:
         traj = np.asarray(f["trajectories"][:50])
@@ -141,7 +149,7 @@ def _llmtime_prompt(n_steps: int) -> str:
 @requires_real_data
 def test_real_weights_match_transformers():
     """fp32 logits on an LLMTIME prompt and a 32-token greedy continuation, real checkpoint."""
-    from qwenlite.tokenizer import Tokenizer
+    from qwenlite.data.tokenizer import Tokenizer
 
     weights = real_weights()
     tok = Tokenizer(weights)

@@ -7,12 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 from conftest import REAL_DATA, TOKENIZER_JSON, requires_real_data, requires_tokenizer
-from hypothesis import given, settings as hyp_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from qwenlite.data.llmtime import LLMTimeSettings, allowed_characters, decode, encode, fit_alpha
 from qwenlite.errors import QwenliteError
-from qwenlite.preprocessor import (LLMTimeSettings, allowed_characters, decode, encode, fit_alpha,
-                                   main)
+from qwenlite.preprocessor import main
 
 FITTED = LLMTimeSettings(alpha=0.5)
 
@@ -228,7 +230,7 @@ def test_decoding_a_cut_encoding_gives_a_prefix(x, cut, decimals):
 # ----- Qwen2.5 tokenization -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer():
-    from qwenlite.tokenizer import Tokenizer
+    from qwenlite.data.tokenizer import Tokenizer
 
     return Tokenizer(TOKENIZER_JSON)
 

@@ -54,7 +54,7 @@ def test_flops_table_rows_sum_to_the_ledgers():
 @pytest.mark.skipif(not (DATA.is_file() and TOKENIZER_JSON.is_file()),
                     reason="needs ../shared's dataset and tokenizer")
 def test_report_regenerates_from_the_committed_results(tmp_path):
-    from qwenlite.tokenizer import Tokenizer
+    from qwenlite.data.tokenizer import Tokenizer
 
     out = tmp_path / "generated"
     info = generate(RESULTS, out, DATA, Tokenizer(TOKENIZER_JSON), ROOT / "report" / "main.tex")

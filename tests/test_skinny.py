@@ -10,10 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenlite.accel import apply, emulation, kernels, packing, skinny
+from qwenlite.accel import apply, emulation, kernels, packing, settings, skinny
 from qwenlite.accel.modules import WideKVCache
-from qwenlite.accel import settings
-from qwenlite.accel.settings import BF16_ENV, Settings
 from qwenlite.model.config import QwenConfig
 from qwenlite.model.loading import init_random
 

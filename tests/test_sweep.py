@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from conftest import ROOT, make_forecasting_setup, requires_tokenizer
 
-from qwenlite.budget import Ledger
 from qwenlite.data import simulate
 from qwenlite.experiments.plan import SCALES, build_plan
 from qwenlite.experiments.runner import make_choices
 from qwenlite.model.config import QwenConfig
 from qwenlite.sweep import main
+from qwenlite.training.ledger import Ledger
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import time
 import pytest
 from conftest import ROOT, make_forecasting_setup, requires_tokenizer
 
-from qwenlite.budget import Ledger
 from qwenlite.flops import forward_flops, train_step_flops
-from qwenlite.lora import apply_lora
 from qwenlite.model import load_model
 from qwenlite.train import main
+from qwenlite.training.ledger import Ledger
+from qwenlite.training.lora import apply_lora
 
 pytestmark = requires_tokenizer
 
@@ -169,8 +169,8 @@ def test_logit_bias_trains_saves_loads_and_resumes(setup, tmp_path, rank):
     from safetensors.torch import load_file
 
     from qwenlite.flops import counting_model
-    from qwenlite.lora import load_adapter, lora_layers
     from qwenlite.model.config import QwenConfig
+    from qwenlite.training.lora import load_adapter, lora_layers
 
     ledger = tmp_path / "ledger.json"
     common = ("--lr", "3e-2", "--rank", rank, "--logit-bias", "--max-steps", "6",

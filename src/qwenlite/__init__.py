@@ -48,11 +48,11 @@ def load_tokenizer(weights: str | Path | None = None):
     """The Qwen2.5 tokenizer of a checkpoint directory (or a ``tokenizer.json`` path).
 
     Returns:
-        A :class:`qwenlite.tokenizer.Tokenizer` with ``encode(text) -> list[int]`` and
+        A :class:`qwenlite.data.tokenizer.Tokenizer` with ``encode(text) -> list[int]`` and
         ``decode(ids) -> str``.
     """
     from qwenlite.cli import resolve_weights
-    from qwenlite.tokenizer import Tokenizer
+    from qwenlite.data.tokenizer import Tokenizer
 
     if weights is not None and Path(weights).is_file():
         return Tokenizer(weights)

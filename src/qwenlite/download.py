@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from qwenlite.cli import (DEFAULT_REPO, DEFAULT_WEIGHTS_DIR, ArgumentParser, creatable_dir,
-                          main_guard, repo_id)
+from qwenlite.cli import (
+    DEFAULT_REPO,
+    DEFAULT_WEIGHTS_DIR,
+    ArgumentParser,
+    creatable_dir,
+    main_guard,
+    repo_id,
+)
 from qwenlite.hub import download
 from qwenlite.io import check_dir_creatable
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from qwenlite.errors import QwenliteError
@@ -34,15 +36,35 @@ def read_json_object(path: str | Path, what: str,
     return data
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` so that a crash leaves either the old file or the new one, never half."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, previous: str | Path | None = None) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write the new file to (by any writer: text, torch,
+    safetensors, HDF5); when the block ends it is synced to disk and renamed over ``path``, so
+    that a crash leaves either the old file or the new one, never half of one. ``previous``: keep
+    the old file there. An exception in the block removes the temporary file and leaves ``path``
+    as it was.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if previous is not None and path.exists():
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 # ----- checks of paths a command will read or write (before it writes anything) ----------------

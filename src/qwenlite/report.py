@@ -19,8 +19,16 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from qwenlite.cli import (ArgumentParser, add_data_arg, add_weights_arg, creatable_dir,
-                          existing_dir, existing_file, main_guard, resolve_weights)
+from qwenlite.cli import (
+    ArgumentParser,
+    add_data_arg,
+    add_weights_arg,
+    creatable_dir,
+    existing_dir,
+    existing_file,
+    main_guard,
+    resolve_weights,
+)
 from qwenlite.errors import QwenliteError
 
 REPORT = Path("report")
@@ -48,8 +56,7 @@ def build_parser() -> ArgumentParser:
 def check_tex(tex: str, defined: set[str], max_words: int = MAX_WORDS) -> int:
     """Raise (one line) if ``tex`` types a number by hand, reads a key nothing defines, or is
     over ``max_words``; return its word count."""
-    from qwenlite.experiments.latex import (body_of, hand_typed_numbers, strip_comments,
-                                            word_count)
+    from qwenlite.experiments.latex import body_of, hand_typed_numbers, strip_comments, word_count
 
     typed = hand_typed_numbers(body_of(tex))
     if typed:
@@ -75,12 +82,12 @@ def _diagnosis(sweep) -> dict | None:
 def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) -> dict:
     """Write every generated file into ``out`` (replacing it whole) and check ``tex``."""
     from qwenlite.data import load_dataset, split_systems
+    from qwenlite.data.llmtime import LLMTimeSettings, fit_alpha
     from qwenlite.experiments import report as R
     from qwenlite.experiments.collect import load_sweep
     from qwenlite.experiments.latex import Numbers
     from qwenlite.experiments.plan import SCALES, build_plan
     from qwenlite.model.config import QwenConfig
-    from qwenlite.preprocessor import LLMTimeSettings, fit_alpha
 
     sweep = load_sweep(results)
     dataset = load_dataset(data)
@@ -139,7 +146,7 @@ def build_pdf(tex: Path) -> Path:
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     from qwenlite.data import resolve_data
-    from qwenlite.tokenizer import Tokenizer
+    from qwenlite.data.tokenizer import Tokenizer
 
     args = build_parser().parse_args(argv)
     tex = args.tex or (REPORT / "main.tex" if (REPORT / "main.tex").is_file() else None)

@@ -18,9 +18,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qwenlite.cli import (ArgumentParser, add_data_arg, add_device_args, add_weights_arg,
-                          creatable_dir, main_guard, nonnegative_int, one_line_text,
-                          positive_float, positive_int, resolve_weights)
+from qwenlite.cli import (
+    ArgumentParser,
+    add_data_arg,
+    add_device_args,
+    add_weights_arg,
+    creatable_dir,
+    main_guard,
+    nonnegative_int,
+    one_line_text,
+    positive_float,
+    positive_int,
+    resolve_weights,
+)
 from qwenlite.errors import QwenliteError
 
 DEFAULT_OUT = Path("report") / "results"
@@ -87,8 +97,8 @@ def _plan(args, weights_needed: bool):
 
 
 def _status(args) -> int:
-    from qwenlite.budget import Ledger
     from qwenlite.experiments.runner import load_results, make_choices
+    from qwenlite.training.ledger import Ledger
 
     plan, _, _ = _plan(args, weights_needed=False)
     results = load_results(Path(args.out), plan)
@@ -142,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from qwenlite.budget import Ledger
     from qwenlite.experiments.plan import check_same_plan, save_plan
     from qwenlite.experiments.runner import Context, code_version, run_sweep
+    from qwenlite.training.ledger import Ledger
 
     plan, weights, data = _plan(args, weights_needed=True)
     only = args.only

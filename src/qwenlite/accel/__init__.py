@@ -19,12 +19,12 @@ static KV cache. This package makes it fast on a CPU without changing what it co
 ``docs/architecture.md`` describes the seam and how to add another backend.
 """
 
+from qwenlite.accel import settings
 from qwenlite.accel.emulation import bf16_matmul_mode, cpu_lacks_bf16, emulating
 from qwenlite.accel.kernels import Linear, attention, linear, linears
 from qwenlite.accel.memory import keep_freed_memory
 from qwenlite.accel.modules import apply, for_device, is_accelerated, remove
 from qwenlite.accel.packing import clear_packed_weights
-from qwenlite.accel import settings
 from qwenlite.accel.settings import Settings
 from qwenlite.accel.skinny import status as kernel_status
 

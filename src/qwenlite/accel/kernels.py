@@ -22,8 +22,15 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from qwenlite.accel import packing, skinny
-from qwenlite.accel.emulation import (SKINNY_ROWS, FrozenLinear, as_bf16_fp32, autograd,
-                                      cpu_autocast_off, emulating, on_fp32_units)
+from qwenlite.accel.emulation import (
+    SKINNY_ROWS,
+    FrozenLinear,
+    as_bf16_fp32,
+    autograd,
+    cpu_autocast_off,
+    emulating,
+    on_fp32_units,
+)
 
 
 def _is_decode(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from qwenlite.accel.emulation import kept
 from qwenlite.accel import settings
+from qwenlite.accel.emulation import kept
 
 _packed = WeakTensorKeyDictionary()
 _stacked = WeakTensorKeyDictionary()

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qwenlite.budget import Ledger
 from qwenlite.errors import QwenliteError
 from qwenlite.experiments.runner import CHOICES, read_result
 from qwenlite.io import read_json_object
+from qwenlite.training.ledger import Ledger
 
 PLAN, LEDGER = "plan.json", "ledger.json"
 

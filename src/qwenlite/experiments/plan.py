@@ -158,14 +158,14 @@ class Costs:
 def prompt_lengths(trajectories, split, settings, n: int, context_steps: int) -> list[int]:
     """Token counts of the first ``n`` forecast prompts of ``split`` (LLMTIME is one token per
     character: digits, ``.``, ``,``, ``;``)."""
-    from qwenlite.preprocessor import encode
+    from qwenlite.data.llmtime import encode
 
     return [len(encode(trajectories[i, :context_steps], settings)) for i in split[:n]]
 
 
 def generation_upper_bound(model, prompt_len: int, new_tokens: int, batch: int,
                            head_rows: int = FORECAST_TOKENS) -> int:
-    """:func:`qwenlite.generate.generation_flops` of a padded batch decoding all ``new_tokens``
+    """:func:`qwenlite.evaluation.generation.run_flops` of a padded batch decoding all ``new_tokens``
     (no sequence stopping early), in closed form: a decode step's FLOPS are affine in the number
     of cached tokens, so the steps sum to an arithmetic series (tests check it is exact)."""
     from qwenlite.model.counting import matmul_flops
@@ -184,8 +184,8 @@ def generation_upper_bound(model, prompt_len: int, new_tokens: int, batch: int,
 def eval_flops(model, lengths: list[int], scale: Scale) -> int:
     """Generation FLOPS of forecasting these prompts ``horizon`` steps ahead, batch by batch
     (padded to each batch's longest prompt; decoding to the token budget, an upper bound)."""
-    from qwenlite.evaluate import max_tokens_for
-    from qwenlite.preprocessor import LLMTimeSettings
+    from qwenlite.data.llmtime import LLMTimeSettings
+    from qwenlite.evaluation.forecasting import max_tokens_for
 
     new_tokens = max_tokens_for(LLMTimeSettings(), scale.horizon, 2)
     total = 0
@@ -200,7 +200,7 @@ def cost(exp: Experiment, scale: Scale, config, val_lengths, test_lengths,
     """What ``exp`` costs by the FLOPS module's own count, at its worst case. ``_evals`` caches
     the evaluation FLOPS, which depend only on whether the LM head has a bias."""
     from qwenlite.flops import counting_model, forward_flops, train_step_flops
-    from qwenlite.train import n_validations
+    from qwenlite.training.trainer import n_validations
 
     e = exp.worst_case(scale)
     train = 0
@@ -326,7 +326,7 @@ def load_scale(name_or_file: str, **overrides) -> Scale:
 def build_plan(scale: Scale, config, trajectories, budget: float = 1e17, data: str = "") -> Plan:
     """Cost every experiment of ``scale`` on this data (prompt lengths are the real ones)."""
     from qwenlite.data import split_systems
-    from qwenlite.preprocessor import LLMTimeSettings, fit_alpha
+    from qwenlite.data.llmtime import LLMTimeSettings, fit_alpha
 
     split = split_systems(len(trajectories), seed=0)
     settings = fit_alpha(trajectories[split.train], LLMTimeSettings())

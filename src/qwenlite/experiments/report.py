@@ -22,8 +22,16 @@ import numpy as np
 from qwenlite.errors import QwenliteError
 from qwenlite.experiments import figures
 from qwenlite.experiments.collect import Sweep
-from qwenlite.experiments.latex import (Numbers, fixed, lr_tex, pct, sci, tabular, tex_escape,
-                                        thousands)
+from qwenlite.experiments.latex import (
+    Numbers,
+    fixed,
+    lr_tex,
+    pct,
+    sci,
+    tabular,
+    tex_escape,
+    thousands,
+)
 
 PENDING = r"\textit{pending}"
 BUDGET = 1e17
@@ -240,7 +248,7 @@ def diagnosis_numbers(n: Numbers, diag: dict | None) -> None:
 def llmtime_examples(n: Numbers, trajectories: np.ndarray, train_idx, settings, tokenizer,
                      steps: int = 3, count: int = 2) -> str:
     """The coursework's two worked examples: raw values, LLMTIME text, token ids."""
-    from qwenlite.preprocessor import encode
+    from qwenlite.data.llmtime import encode
 
     n["llmtime.alpha"] = f"{settings.alpha:.4f}"
     n["llmtime.decimals"] = settings.decimals
@@ -312,10 +320,10 @@ def replace_dir(tmp: Path, out: Path) -> None:
 def training_numbers(n: Numbers, config, trajectories: np.ndarray, train_idx, settings,
                      tokenizer, contexts, ranks) -> None:
     """Trainable parameters per LoRA rank, and the training windows per context (cut as
-    :mod:`qwenlite.train` cuts them: stride half the context)."""
+    :mod:`qwenlite.training.trainer` cuts them: stride half the context)."""
     from qwenlite.data import make_training_windows
+    from qwenlite.data.llmtime import encode
     from qwenlite.flops import counting_model
-    from qwenlite.preprocessor import encode
 
     n["params.total"] = thousands(config.n_params)
     for r in ranks:

@@ -10,7 +10,7 @@ Layout of a sweep directory (``report/results/`` for the reported one)::
     <experiment>/eval-val/    metrics.json, predictions.npz, figures (and eval-test/)
 
 An experiment with a ``result.json`` is done and is skipped; any other is (re)started, and its
-training resumes from its last checkpoint (:mod:`qwenlite.train`). Selection reads only the
+training resumes from its last checkpoint (:mod:`qwenlite.training.trainer`). Selection reads only the
 validation scores; the test split is scored for ``zeroshot`` and ``final`` alone.
 """
 
@@ -163,7 +163,7 @@ def _python(module: str, args: list[str], env: dict | None, log: Path | None) ->
 def _eval_done(ledger: Path, out_dir: Path) -> bool:
     """Whether the evaluation into ``out_dir`` finished: its metrics written and its ledger
     entry closed."""
-    from qwenlite.budget import Ledger
+    from qwenlite.training.ledger import Ledger
 
     if not (out_dir / "metrics.json").is_file():
         return False

@@ -10,7 +10,6 @@ import torch
 
 from qwenlite.errors import CheckpointError, QwenliteError
 
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

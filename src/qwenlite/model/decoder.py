@@ -178,7 +178,7 @@ class QwenForCausalLM(nn.Module):
     def flops(self, n_new: int, n_cached: int = 0, logits: int | None = None,
               masked: bool | None = None, gqa_as_mha: bool = False) -> FlopCount:
         """FLOPS of one sequence's forward (the training loss is counted beside it,
-        :func:`qwenlite.loss.loss_flops`).
+        :func:`qwenlite.training.loss.loss_flops`).
 
         Args:
             n_new: tokens computed in this call.

@@ -1,10 +1,10 @@
-"""Predator-prey datasets: loading with validation, the simulated default, splits, and examples.
+"""Predator-prey datasets: loading with validation, the simulated default, summary statistics.
 
 A dataset is an HDF5 file with ``/trajectories`` (N, T, 2) (``[..., 0]`` prey, ``[..., 1]``
 predator, non-negative) and ``/time`` (T,) (strictly increasing), the layout of the coursework's
 ``lotka_volterra_data.h5``.
 
-Commands::
+Commands (:mod:`qwenlite.data.cli`)::
 
     python -m qwenlite.data simulate --out PATH [--systems 1000 --points 100 --seed 0]
     python -m qwenlite.data stats [--data PATH ...]
@@ -15,20 +15,15 @@ as ``$QWENLITE_CACHE/lotka_volterra_simulated.h5`` (default cache ``~/.cache/qwe
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from qwenlite.errors import DataError, QwenliteError
-from qwenlite.io import atomic_write_text, cache_dir, read_json_object
-from qwenlite.preprocessor import LLMTimeSettings, encode
+from qwenlite.io import atomic_path, cache_dir
 
 DEFAULT_FILENAME = "lotka_volterra_simulated.h5"
 VARIABLES = ("prey", "predator")
@@ -205,19 +200,15 @@ def save_dataset(path: str | Path, trajectories: np.ndarray, time: np.ndarray,
     import h5py
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(tmp, "w") as f:
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
             f.create_dataset("trajectories", data=np.asarray(trajectories, dtype=np.float32))
             f.create_dataset("time", data=np.asarray(time, dtype=np.float64))
             if parameters is not None:
                 f.create_dataset("parameters", data=parameters)
             f.attrs.update(attrs or {})
-        os.replace(tmp, path)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise DataError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
 
@@ -272,187 +263,7 @@ def resolve_data(arg: str | os.PathLike | None) -> Path:
     return path
 
 
-# ----- splits -------------------------------------------------------------------------------------
-@dataclass
-class Split:
-    """Disjoint system indices for training, validation and test (each sorted).
-
-    Attributes:
-        train, val, test: int64 index arrays into the dataset's first axis.
-        seed: the seed that drew them, when known.
-    """
-
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    seed: int | None = None
-
-    def to_dict(self) -> dict:
-        return {"seed": self.seed, "train": self.train.tolist(), "val": self.val.tolist(),
-                "test": self.test.tolist()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Split:
-        try:
-            parts = {k: np.asarray(data[k], dtype=np.int64).reshape(-1)
-                     for k in ("train", "val", "test")}
-            seed = data.get("seed")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"malformed split: {exc}") from None
-        joined = np.concatenate(list(parts.values()))
-        if (joined < 0).any() or len(np.unique(joined)) != len(joined):
-            raise DataError("malformed split: indices must be non-negative and disjoint")
-        return cls(**parts, seed=seed)
-
-    def save(self, path: str | Path) -> None:
-        atomic_write_text(path, json.dumps(self.to_dict()) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> Split:
-        return cls.from_dict(read_json_object(path, "split file", DataError))
-
-
-def split_systems(n_systems: int, seed: int = 0,
-                  fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Split:
-    """Split systems (never timesteps) into train/val/test, deterministically given the seed.
-
-    Args:
-        n_systems: N.
-        seed: seed of the permutation.
-        fractions: train, val, test fractions (summing to 1); val and test get ``round(f * N)``
-            systems, train the rest.
-
-    Raises:
-        QwenliteError: a negative seed, bad fractions, or too few systems to give every part
-            with a positive fraction at least one system.
-    """
-    if isinstance(seed, int) and seed < 0:
-        raise QwenliteError(f"the split seed must be a non-negative integer, got {seed}")
-    f = np.asarray(fractions, dtype=np.float64)
-    if f.shape != (3,) or (f < 0).any() or not np.isclose(f.sum(), 1.0):
-        raise QwenliteError(f"split fractions must be 3 non-negative numbers summing to 1, "
-                            f"got {tuple(fractions)}")
-    n_val, n_test = (int(round(x * n_systems)) for x in f[1:])
-    n_train = n_systems - n_val - n_test
-    sizes = (n_train, n_val, n_test)
-    if any(size < 1 for size, frac in zip(sizes, f) if frac > 0) or n_train < 0:
-        raise QwenliteError(f"cannot split {n_systems} systems by {tuple(fractions)}: a part "
-                            "would be empty")
-    order = np.random.default_rng(seed).permutation(n_systems)
-    train, val, test = np.split(order, [n_train, n_train + n_val])
-    return Split(np.sort(train), np.sort(val), np.sort(test), seed=seed)
-
-
-# ----- examples -----------------------------------------------------------------------------------
-@dataclass
-class Windows:
-    """Fixed-length training windows.
-
-    Attributes:
-        input_ids: (n_windows, context_len) int64 token ids.
-        loss_mask: (n_windows, context_len) bool, True where a token is real and may be a loss
-            target; ``None`` when no window is padded (every token counts).
-    """
-
-    input_ids: torch.Tensor
-    loss_mask: torch.Tensor | None = None
-
-
-def make_training_windows(token_seqs: list[list[int]], context_len: int, stride: int | None = None,
-                          pad_id: int | None = None) -> Windows:
-    """Cut each system's tokenized series into windows of ``context_len`` tokens.
-
-    Windows start at ``0, stride, 2 * stride, ...``; if the last one stops short of the end of the
-    series, one more window ends exactly at its end, so every token is covered. Windows never
-    span two systems.
-
-    A series shorter than ``context_len`` is dropped, unless ``pad_id`` is given: it then becomes
-    one window, right-padded with ``pad_id`` and masked out in ``loss_mask``.
-
-    Args:
-        token_seqs: one token-id list per system (e.g. an encoded full series).
-        context_len: tokens per window.
-        stride: tokens between window starts; ``None`` means ``context_len`` (no overlap).
-        pad_id: pad short series with this id instead of dropping them.
-
-    Returns:
-        :class:`Windows`; ``loss_mask`` is ``None`` unless a series was padded.
-
-    Raises:
-        QwenliteError: ``context_len`` or ``stride`` < 1, or ``context_len`` larger than every
-            series.
-    """
-    stride = context_len if stride is None else stride
-    if context_len < 1 or stride < 1:
-        raise QwenliteError(f"context length and stride must be >= 1, got {context_len}, {stride}")
-    longest = max((len(s) for s in token_seqs), default=0)
-    if longest < context_len:
-        raise QwenliteError(f"context length {context_len} is larger than every series (the "
-                            f"longest has {longest} tokens)")
-    windows, masks = [], []
-    for seq in token_seqs:
-        seq = torch.as_tensor(seq, dtype=torch.long)
-        if len(seq) < context_len:
-            if pad_id is not None and len(seq):
-                pad = seq.new_full((context_len - len(seq),), pad_id)
-                windows.append(torch.cat([seq, pad])[None])
-                masks.append((torch.arange(context_len) < len(seq))[None])
-            continue
-        starts = list(range(0, len(seq) - context_len + 1, stride))
-        if starts[-1] + context_len < len(seq):
-            starts.append(len(seq) - context_len)
-        windows.append(torch.stack([seq[s:s + context_len] for s in starts]))
-        masks.append(torch.ones(len(starts), context_len, dtype=torch.bool))
-    input_ids = torch.cat(windows)
-    loss_mask = torch.cat(masks)
-    return Windows(input_ids, None if bool(loss_mask.all()) else loss_mask)
-
-
-@dataclass
-class ForecastExample:
-    """One forecasting task.
-
-    Attributes:
-        prompt: LLMTIME text of the context, ending with the time separator.
-        context: (k, V) the first k timesteps, original units.
-        target: (h, V) the next h timesteps, original units.
-        system: index of the system in the trajectories given.
-    """
-
-    prompt: str
-    context: np.ndarray
-    target: np.ndarray
-    system: int
-
-
-def forecast_examples(trajectories: np.ndarray, settings: LLMTimeSettings, context_steps: int,
-                      horizon: int, systems: Sequence[int] | None = None) -> list[ForecastExample]:
-    """Forecasting tasks: the first ``context_steps`` timesteps as prompt, the next ``horizon``
-    as target.
-
-    Args:
-        trajectories: (N, T, V) series, original units.
-        settings: fitted LLMTIME settings.
-        context_steps: k >= 1.
-        horizon: h >= 1, with k + h <= T.
-        systems: which systems (indices into ``trajectories``); default all.
-
-    Raises:
-        QwenliteError: k or h < 1, or k + h > T.
-    """
-    traj = np.asarray(trajectories)
-    n_steps = traj.shape[1]
-    if context_steps < 1 or horizon < 1 or context_steps + horizon > n_steps:
-        raise QwenliteError(f"context {context_steps} + horizon {horizon} steps must be >= 1 each "
-                            f"and fit in the {n_steps} timesteps of a series")
-    indices = range(len(traj)) if systems is None else systems
-    return [ForecastExample(prompt=encode(traj[i, :context_steps], settings),
-                            context=traj[i, :context_steps],
-                            target=traj[i, context_steps:context_steps + horizon], system=int(i))
-            for i in indices]
-
-
-# ----- statistics and the command line ------------------------------------------------------------
+# ----- statistics ------------------------------------------------------------------------
 def summary_statistics(dataset: LVDataset) -> dict:
     """Shape, time axis and per-variable min, percentiles (1, 50, 99), mean, std and max."""
     traj = dataset.trajectories.astype(np.float64)
@@ -478,52 +289,3 @@ def format_statistics(stats: dict) -> str:
         lines.append("  " + f"{name:10}" + "".join(f"{s[c]:>10.4g}" for c in cols)
                      + f"{s['initial'][0]:>8.3g}-{s['initial'][1]:<7.3g}")
     return "\n".join(lines)
-
-
-def build_parser():
-    """The argument parser of ``python -m qwenlite.data`` (subcommands ``simulate``, ``stats``)."""
-    from qwenlite.cli import (ArgumentParser, existing_file, nonnegative_int, positive_float,
-                              positive_int, writable_file)
-
-    parser = ArgumentParser(prog="python -m qwenlite.data",
-                            description="Simulate or summarise predator-prey datasets.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{simulate,stats}")
-    sim = sub.add_parser("simulate", help="write a simulated Lotka-Volterra dataset")
-    sim.add_argument("--out", type=writable_file, required=True, metavar="PATH",
-                     help="HDF5 file to write")
-    sim.add_argument("--systems", type=positive_int, default=1000, help="N (default 1000)")
-    sim.add_argument("--points", type=positive_int, default=100, help="T (default 100)")
-    sim.add_argument("--t-max", type=positive_float, default=200.0,
-                     help="last time point (default 200)")
-    sim.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
-    stats = sub.add_parser("stats", help="print summary statistics of datasets")
-    stats.add_argument("--data", type=existing_file, metavar="PATH", action="append",
-                       default=None, help="HDF5 file; repeat to compare several (default: the "
-                       "simulated default dataset)")
-    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return parser
-
-
-def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "simulate":
-        path = simulate_to(args.out, args.systems, args.points, args.seed, args.t_max,
-                           progress=True)
-        print(f"wrote {path}: {args.systems} systems x {args.points} points")
-        return 0
-    paths = [resolve_data(p) for p in args.data] if args.data else [resolve_data(None)]
-    results = [summary_statistics(load_dataset(p)) for p in paths]
-    print(json.dumps(results, indent=2) if args.json
-          else "\n\n".join(format_statistics(s) for s in results))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m qwenlite.data simulate|stats``."""
-    from qwenlite.cli import main_guard
-
-    return main_guard(_main)(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from qwenlite.errors import CheckpointError, QwenliteError
-from qwenlite.io import atomic_write_text, read_json_object
+from qwenlite.io import atomic_path, atomic_write_text, read_json_object
 from qwenlite.model.counting import FlopCount, linear_flops, matmul_flops
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -212,9 +212,8 @@ def save_adapter(model: nn.Module, directory: str | Path,
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if bias is not None:
-        tmp = directory / (LOGIT_BIAS_FILE + ".tmp")
-        save_file({LOGIT_BIAS_KEY: bias.detach().float().contiguous().cpu()}, str(tmp))
-        tmp.replace(directory / LOGIT_BIAS_FILE)
+        with atomic_path(directory / LOGIT_BIAS_FILE) as tmp:
+            save_file({LOGIT_BIAS_KEY: bias.detach().float().contiguous().cpu()}, str(tmp))
     if not layers:
         return directory
     first = next(iter(layers.values()))
@@ -236,9 +235,8 @@ def save_adapter(model: nn.Module, directory: str | Path,
         "use_dora": False,
     }
     tensors = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / ADAPTER_WEIGHTS)
+    with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     atomic_write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2))
     return directory
 
