@@ -203,3 +203,20 @@ def test_tiny_sweep_runs_end_to_end_survives_a_kill_and_resumes(tmp_path, capsys
     assert main(["status", *args]) == 0
     status = capsys.readouterr().out
     assert sum(" done " in line for line in status.splitlines()) == 7 and "choice grid" in status and "SHRUNK" in status
+
+    # the report is generated from these results, end to end: every table and figure, the FLOPS
+    # table summing to the ledger, main.tex's every key defined
+    from qwenlite.data.tokenizer import Tokenizer
+    from qwenlite.experiments.collect import load_sweep
+    from qwenlite.report import generate
+
+    generated = tmp_path / "generated"
+    info = generate(out, generated, data, Tokenizer(weights), ROOT / "report" / "main.tex")
+    assert info["figures"] == 7 and info["words"] <= 3000
+    for name in ("experiments", "baselines", "flops", "flops-components", "llmtime"):
+        assert (generated / f"table-{name}.tex").stat().st_size > 0, name
+    for fig in ("loss_curves", "grid_heatmap", "context", "control", "forecasts", "horizon",
+                "diagnosis"):
+        assert (generated / f"{fig}.pdf").is_file() and (generated / f"{fig}.png").is_file(), fig
+    sweep = load_sweep(out)
+    assert sum(r.total for r in sweep.ledger_rows()) == sweep.ledger_total() > 0

@@ -86,7 +86,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     from qwenlite.experiments import report as R
     from qwenlite.experiments.collect import load_sweep
     from qwenlite.experiments.latex import Numbers
-    from qwenlite.experiments.plan import SCALES, build_plan
+    from qwenlite.experiments.plan import CONTEXTS, RANKS, SCALES, build_plan
     from qwenlite.model.config import QwenConfig
 
     sweep = load_sweep(results)
@@ -102,11 +102,16 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     n = Numbers()
     flops = {r.experiment: (r.train, r.eval) for r in sweep.ledger_rows() if r.source == "sweep"}
     R.experiment_numbers(n, sweep, flops)
-    R.plan_numbers(n, sweep, build_plan(SCALES["full"], config, dataset.trajectories))
+    try:  # the coursework's full plan, costed on this dataset (too short a series: none)
+        full_plan = build_plan(SCALES["full"], config, dataset.trajectories)
+    except QwenliteError:
+        full_plan = None
+    R.plan_numbers(n, sweep, full_plan)
     R.choice_numbers(n, sweep)
     R.diagnosis_numbers(n, diag)
+    scale = sweep.plan["scale"]  # the coursework's contexts and ranks, and the sweep's own
     R.training_numbers(n, config, dataset.trajectories, split.train, settings, tokenizer,
-                       sweep.plan["scale"]["contexts"], sweep.plan["scale"]["ranks"])
+                       sorted({*CONTEXTS, *scale["contexts"]}), sorted({*RANKS, *scale["ranks"]}))
     tables = {"experiments": R.results_table(sweep), "baselines": R.baseline_numbers(n, sweep),
               "flops": R.flops_numbers(n, sweep),
               "flops-components": R.flops_accounting(n, config, 512, 4, 4),

@@ -175,6 +175,9 @@ def plan_numbers(n: Numbers, sweep: Sweep, full_plan) -> None:
         n["full.share"] = pct(full_plan.total_flops / BUDGET, 1)
         n["full.gridsteps"] = full_plan.scale.grid_steps
         n["full.finalsteps"] = full_plan.scale.final_steps
+    else:  # series too short for the full plan's 80 -> 20 forecasts
+        for key in ("total", "share", "gridsteps", "finalsteps"):
+            n[f"full.{key}"] = r"	extit{n/a}"
     weights = {r.get("weights", "") for r in sweep.results.values()}
     n["weights"] = "stand-in" if any("standin" in w for w in weights) or not weights \
         else tex_escape(", ".join(sorted(weights)))
@@ -319,11 +322,12 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 def training_numbers(n: Numbers, config, trajectories: np.ndarray, train_idx, settings,
                      tokenizer, contexts, ranks) -> None:
-    """Trainable parameters per LoRA rank, and the training windows per context (cut as
-    :mod:`qwenlite.training.trainer` cuts them: stride half the context)."""
+    """Trainable parameters per LoRA rank, and the training windows per context (cut as the
+    trainer cuts them; n/a for a context longer than every series)."""
     from qwenlite.data import make_training_windows
     from qwenlite.data.llmtime import encode
     from qwenlite.flops import counting_model
+    from qwenlite.training.trainer import window_stride
 
     n["params.total"] = thousands(config.n_params)
     for r in ranks:
@@ -337,6 +341,10 @@ def training_numbers(n: Numbers, config, trajectories: np.ndarray, train_idx, se
     tokens = sum(map(len, seqs))
     n["train.tokens"] = thousands(tokens)
     n["llmtime.tokensperstep"] = f"{tokens / (len(train_idx) * trajectories.shape[1]):.1f}"
+    longest = max(map(len, seqs))
     for c in contexts:
-        windows = make_training_windows(seqs, c, max(c // 2, 1)).input_ids.shape[0]
+        if c > longest:
+            n[f"train.windows{c}"] = r"\textit{n/a}"
+            continue
+        windows = make_training_windows(seqs, c, window_stride(c)).input_ids.shape[0]
         n[f"train.windows{c}"] = thousands(windows)

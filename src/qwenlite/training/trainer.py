@@ -79,6 +79,11 @@ def _atomic_torch_save(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def window_stride(context: int, stride: int | None = None) -> int:
+    """Tokens between the starts of training windows: ``stride``, else half the context."""
+    return stride or max(context // 2, 1)
+
+
 def n_validations(upto: int, max_steps: int, eval_interval: int) -> int:
     """Validations a run of ``max_steps`` has run by step ``upto``: before the first step (the
     untrained reference), at every multiple of ``eval_interval`` (0: none), and at the end."""
@@ -159,7 +164,7 @@ class Trainer:
         self.settings, self.split = settings, split
 
         tok = Tokenizer(cfg.weights)
-        stride = cfg.stride or max(cfg.context // 2, 1)
+        stride = window_stride(cfg.context, cfg.stride)
 
         def windows(indices):
             seqs = tok.encode_batch([encode(dataset.trajectories[i], settings) for i in indices])
