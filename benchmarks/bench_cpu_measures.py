@@ -23,13 +23,13 @@
         oneDNN's prepacked weights and attention through SDPA), its attention alone, q/k/v and
         gate/up as one call each (``qwenlite.accel.kernels.linears``: one kernel call, or one
         matmul over stacked prepacked weights), SDPA over each KV head's stacked query heads
-        (``kernels._decode_attention``, else two matmuls), and for an emulated bf16 model the KV
+        (``kernels.decode_attention``, else two matmuls), and for an emulated bf16 model the KV
         cache qwenlite keeps (bf16 with the kernel; fp32 holding bf16 values without it,
         ``KVCache(widen_bf16=True)``).
     python benchmarks/bench_cpu_measures.py decode-attention [--rows 8] [--cached 900]
         One decode step's attention over 24 layers' KV caches (14 query heads over 2 KV heads,
         left-padding mask): torch's SDPA with GQA against ``qwenlite.accel.kernels.
-        _decode_attention`` (one SDPA over each KV head's stacked query heads, the way without
+        decode_attention`` (one SDPA over each KV head's stacked query heads, the way without
         the decode kernel), two batched matmuls (qwenlite's way before) and the decode kernel
         (``qwenlite.accel.skinny.attention``) over fp32 and bf16 caches, and what widening a bf16
         cache to fp32 costs (emulated bf16 attention through SDPA on a cache kept in bf16, which
@@ -134,7 +134,7 @@ def decode_bound(repeats: int) -> None:
 
 def _two_matmul_attention(q, k, v, attn_mask=None, is_causal=False, enable_gqa=False):
     """Decode attention as qwenlite computed it before stacking query heads into one SDPA
-    (``kernels._decode_attention`` up to commit e5b6fd5): two batched matmuls around a masked
+    (``kernels.decode_attention`` up to commit e5b6fd5): two batched matmuls around a masked
     softmax, scaled and masked in place."""
     b, h, _, d = q.shape
     kv = k.shape[1]
@@ -167,8 +167,8 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
         caches[widen].k.normal_(generator=gen)
         caches[widen].v.normal_(generator=gen)
     tokens = torch.randint(100, 5000, (rows, 1), generator=gen)
-    stacked, sdpa = kernels.linears, kernels._decode_attention
-    kernel_attention = kernels._attention_kernel
+    stacked, sdpa = kernels.linears, kernels.decode_attention
+    kernel_attention = kernels.attention_kernel
 
     def one_by_one(x, layers):
         return [layer(x) for layer in layers]
@@ -193,9 +193,9 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
 
     def step(kernel, attention, stack, attend, widen):
         switches.decode_kernel = kernel
-        kernels._attention_kernel = kernel_attention if attention else (lambda *a, **k: None)
+        kernels.attention_kernel = kernel_attention if attention else (lambda *a, **k: None)
         kernels.linears = stacked if stack else one_by_one
-        kernels._decode_attention = sdpa if attend else _two_matmul_attention
+        kernels.decode_attention = sdpa if attend else _two_matmul_attention
         t = position[0]
         position[0] = cached + (t + 1 - cached) % 190
         with torch.inference_mode():
@@ -216,8 +216,8 @@ def decode_step(weights, dtype: str, rows: int, cached: int, rounds: int) -> Non
                 step(*flags)
                 times[way].append(step(*flags))
     finally:
-        kernels.linears, kernels._decode_attention = stacked, sdpa
-        kernels._attention_kernel = kernel_attention
+        kernels.linears, kernels.decode_attention = stacked, sdpa
+        kernels.attention_kernel = kernel_attention
         switches.decode_kernel = kernel_on
     for way, ts in times.items():
         print(f"  {way:34s} median {1e3 * statistics.median(ts):6.1f} ms  "
@@ -277,7 +277,7 @@ def malloc() -> None:
 
 
 def decode_attention(rows: int, cached: int, repeats: int) -> None:
-    from qwenlite.accel.kernels import _decode_attention
+    from qwenlite.accel.kernels import decode_attention
     from qwenlite.accel.memory import keep_freed_memory
 
     keep_freed_memory()  # as load_model sets it: fresh 1-4 MB results would fault in page by page
@@ -292,7 +292,7 @@ def decode_attention(rows: int, cached: int, repeats: int) -> None:
     ways = {
         "SDPA": lambda k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                            enable_gqa=True),
-        "_decode_attention": lambda k, v: _decode_attention(q, k, v, attn_mask=mask),
+        "decode_attention": lambda k, v: decode_attention(q, k, v, attn_mask=mask),
         "two matmuls": lambda k, v: _two_matmul_attention(q, k, v, attn_mask=mask),
     }
     from qwenlite.accel import skinny

@@ -21,8 +21,8 @@ BF16 = torch.bfloat16
 @pytest.fixture
 def kernel():
     """Skip where the kernel cannot be built here (it says why)."""
-    fn, why = skinny._load()
-    if fn is None:
+    why = skinny.unavailable()
+    if why is not None:
         pytest.skip(f"no decode kernel here: {why}")
 
 
@@ -222,17 +222,16 @@ def test_decode_steps_match_without_the_kernel(kernel, mode, monkeypatch):
 def fresh_build(monkeypatch, tmp_path):
     """An empty kernel cache and no loaded kernel; the real one is loaded again afterwards."""
     monkeypatch.setenv("QWENLITE_CACHE", str(tmp_path))
-    skinny._load.cache_clear()
-    monkeypatch.setattr(skinny, "_warned", set())
+    skinny.reset()
     yield tmp_path
-    skinny._load.cache_clear()
+    skinny.reset()
 
 
 def test_a_failed_build_falls_back_with_one_warning(fresh_build, mode, monkeypatch):
     """No working compiler: one warning that says why, then decode steps run through oneDNN with
     the same results; status() says it too."""
-    monkeypatch.setattr(skinny, "_unsupported", lambda: None)
-    monkeypatch.setattr(skinny, "_compiler", lambda: "/bin/false")
+    monkeypatch.setattr(skinny, "unsupported", lambda: None)
+    monkeypatch.setattr(skinny, "find_compiler", lambda: "/bin/false")
     mode("emulate")
     layer = _frozen(BF16)[0]
     x = torch.randn(2, 32).to(BF16)
@@ -244,26 +243,26 @@ def test_a_failed_build_falls_back_with_one_warning(fresh_build, mode, monkeypat
     assert skinny.status().startswith("decode kernel off: false failed")
     expected = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(BF16)
     assert (out.float() - expected.float()).abs().max() <= 2 ** -7 * expected.float().abs().max()
-    monkeypatch.setattr(skinny, "_compiler", lambda: None)
-    skinny._load.cache_clear()
+    monkeypatch.setattr(skinny, "find_compiler", lambda: None)
+    skinny.reset()
     assert "no C++ compiler" in skinny.status()
-    monkeypatch.setattr(skinny, "_unsupported", lambda: "the CPU lacks avx2")
-    skinny._load.cache_clear()
+    monkeypatch.setattr(skinny, "unsupported", lambda: "the CPU lacks avx2")
+    skinny.reset()
     assert skinny.status() == "decode kernel off: the CPU lacks avx2"
 
 
 def test_the_build_is_cached_per_source(kernel, fresh_build, monkeypatch):
     """Built once into $QWENLITE_CACHE/kernels under a name that follows the source and the
     compiler; a second process-wide load reuses it without compiling."""
-    compiler = skinny._compiler()
-    path = skinny._build(compiler)
+    compiler = skinny.find_compiler()
+    path = skinny.build(compiler)
     assert path.parent == fresh_build / "kernels" and path.exists()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled again")
     monkeypatch.setattr(subprocess, "run", no_compiling)
-    assert skinny._build(compiler) == path
+    assert skinny.build(compiler) == path
     assert skinny.enabled()
 
 

@@ -179,7 +179,7 @@ def linears(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor]:
     return list(out.split(sizes, dim=-1))
 
 
-def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                       enable_gqa: bool = False) -> torch.Tensor:
     """One new query per sequence over its cached keys, with each KV head's query heads stacked
@@ -201,7 +201,7 @@ def _plain(*tensors: torch.Tensor) -> bool:
                     for t in tensors))
 
 
-def _attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, emulate: bool,
+def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, emulate: bool,
                       kv_bf16: bool, attn_mask: torch.Tensor | None = None,
                       dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                       enable_gqa: bool = False) -> torch.Tensor | None:
@@ -236,9 +236,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bf16: bool =
     emulation, :class:`~qwenlite.accel.modules.WideKVCache`), used as they are.
 
     A decode step on the CPU (one query per sequence, no autograd) runs through the decode
-    kernel (:func:`_attention_kernel`), else as :func:`_decode_attention`: for 8 sequences over
+    kernel (:func:`attention_kernel`), else as :func:`decode_attention`: for 8 sequences over
     900 cached tokens, 24 layers took 16.9 ms through the kernel (12.0 over a bf16 cache), 22.5 ms
-    as :func:`_decode_attention`, 24.1 ms as two batched matmuls and 35.5 ms through SDPA with
+    as :func:`decode_attention`, 24.1 ms as two batched matmuls and 35.5 ms through SDPA with
     ``enable_gqa`` (``python benchmarks/bench_cpu_measures.py decode-attention``)."""
     emulate = emulating(q)
     if kv_bf16 and not emulate:  # emulation turned off since the cache was made
@@ -246,12 +246,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bf16: bool =
     decode = (q.device.type == "cpu" and q.shape[-2] == 1 and q.shape[1] % k.shape[1] == 0
               and not autograd(q, k, v))
     if decode:
-        out = _attention_kernel(q, k, v, emulate, kv_bf16, **kwargs)
+        out = attention_kernel(q, k, v, emulate, kv_bf16, **kwargs)
         if out is not None:
             return out
     if not emulate and not decode:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    op = _decode_attention if decode else F.scaled_dot_product_attention
+    op = decode_attention if decode else F.scaled_dot_product_attention
     if not emulate:
         return op(q, k, v, **kwargs)
     bf = torch.bfloat16

@@ -1,5 +1,5 @@
 // Matmuls of a few rows (a decode step's) over weights in their own (out, in) layout, for x86-64
-// CPUs with AVX2 and FMA. Built and loaded by qwenlite/model/skinny.py, which says why it exists.
+// CPUs with AVX2 and FMA. Built and loaded by qwenlite/accel/skinny.py, which says why it exists.
 //
 //   y_i = x · W_iᵀ + b_i   for i < count, every W_i (n_i, K) row-major, x (M, K) with row stride ldx
 //

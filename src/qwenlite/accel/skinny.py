@@ -56,7 +56,7 @@ SOURCE = Path(__file__).with_name("skinny.cpp")
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 
-def _unsupported() -> str | None:
+def unsupported() -> str | None:
     """Why this machine cannot run the kernel, or None."""
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
@@ -70,14 +70,14 @@ def _unsupported() -> str | None:
     return None
 
 
-def _compiler() -> str | None:
+def find_compiler() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if name and shutil.which(name):
             return shutil.which(name)
     return None
 
 
-def _build(compiler: str) -> Path:
+def build(compiler: str) -> Path:
     """The kernel's shared library, compiled into the cache unless there already; raises
     RuntimeError with one line saying what failed."""
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode())
@@ -165,14 +165,14 @@ def _linears_check(fn) -> bool:
 @functools.cache
 def _load():
     """(the kernels, None) or (None, why not)."""
-    why = _unsupported()
+    why = unsupported()
     if why:
         return None, why
-    compiler = _compiler()
+    compiler = find_compiler()
     if compiler is None:
         return None, "no C++ compiler found (set $CXX)"
     try:
-        lib = _Kernels(_build(compiler))
+        lib = _Kernels(build(compiler))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, str(e).splitlines()[0] if str(e) else type(e).__name__
     try:  # outside any dispatch mode (a FLOPS counter must not count the check), autocast,
@@ -187,6 +187,18 @@ def _load():
     if not ok:
         return None, "it failed its check against torch"
     return lib, None
+
+
+def reset() -> None:
+    """Forget the loaded kernel and the warnings given, so that the next call builds or loads it
+    again (after ``$QWENLITE_CACHE`` or the compiler changed)."""
+    _load.cache_clear()
+    _warned.clear()
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot serve here (built on the first call), or None where it can."""
+    return _load()[1]
 
 
 def enabled() -> bool:
