@@ -78,3 +78,23 @@ def test_report_regenerates_from_the_committed_results(tmp_path):
         generate(RESULTS, out, DATA, Tokenizer(TOKENIZER_JSON), bad)
     assert sorted(p.name for p in out.iterdir()) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("generated.")]
+
+
+def test_spearman_and_the_grid_trend_numbers():
+    from qwenlite.experiments.latex import Numbers
+    from qwenlite.experiments.trends import grid_numbers, spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486833)  # ties: mean ranks
+    sweep = load_sweep(RESULTS)
+    n = Numbers()
+    lrs = sweep.plan["scale"]["lrs"]
+    grid_numbers(n, sweep, lrs)
+    cells = [c for c in sweep.results if sweep.planned(c)["stage"] in ("grid", "default")]
+    assert int(n.values["grid.n"]) == len(cells) >= 3
+    at_first = [sweep.results[c]["val_loss"] for c in cells
+                if sweep.results[c]["settings"]["lr"] == lrs[0]]
+    assert float(n.values["grid.lr1.loss"]) == pytest.approx(sum(at_first) / len(at_first),
+                                                             abs=5e-4)
+    assert -1 <= float(n.values["grid.spearman"]) <= 1
