@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from qwenlite.experiments.collect import Sweep
-from qwenlite.experiments.latex import Numbers, fixed, lr_tex
+from qwenlite.experiments.latex import Numbers, fixed, lr_tex, tex_escape
 
 PENDING = r"\textit{pending}"
 NA = r"\textit{n/a}"
@@ -40,7 +40,8 @@ def spearman(a, b) -> float:
 def grid_numbers(n: Numbers, sweep: Sweep, lrs) -> None:
     """``grid.n``, ``grid.loss0``, ``grid.lr{i}``/``.n``/``.loss``/``.mae`` for the i-th learning
     rate (1-based, in the plan's order), ``grid.lossbest``/``grid.maebest`` (the rate with the
-    lowest mean loss / MAE) and ``grid.spearman`` (pending until three cells are done)."""
+    lowest mean loss / MAE), ``grid.byloss`` and ``.mae`` (the cell with the lowest loss, and its
+    MAE) and ``grid.spearman`` (pending until three cells are done)."""
     cells = [name for name in sweep.results
              if sweep.planned(name)["stage"] in GRID_STAGES and sweep.planned(name)["steps"]]
     n["grid.n"] = len(cells)
@@ -64,6 +65,9 @@ def grid_numbers(n: Numbers, sweep: Sweep, lrs) -> None:
         means = {i: float(n[f"grid.lr{i}.{field}"]) for i in range(1, len(lrs) + 1)
                  if n[f"grid.lr{i}.{field}"] not in (PENDING, NA)}
         n[f"grid.{key}"] = n[f"grid.lr{min(means, key=means.get)}"] if means else PENDING
+    by_loss = min(cells, key=lambda c: sweep.results[c]["val_loss"], default=None)
+    n["grid.byloss"] = tex_escape(by_loss) if by_loss else PENDING
+    n["grid.byloss.mae"] = fixed(sweep.results[by_loss]["val"]["mae"]) if by_loss else PENDING
     if len(cells) >= 3:
         rho = spearman([sweep.results[c]["val_loss"] for c in cells],
                        [sweep.results[c]["val"]["mae"] for c in cells])
