@@ -73,7 +73,7 @@ def results_table(sweep: Sweep) -> str:
     rows, rules = [], []
     last = None
     for name in sweep.names:
-        p, r = sweep.planned(name), sweep.results.get(name)
+        p = sweep.planned(name)
         if last is not None and p["stage"] != last and not {p["stage"], last} <= {"grid", "default"}:
             rules.append(len(rows) - 1)
         last = p["stage"]
