@@ -86,6 +86,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     from qwenlite.experiments import report as R
     from qwenlite.experiments.collect import load_sweep
     from qwenlite.experiments.latex import Numbers
+    from qwenlite.experiments.markdown import results_markdown
     from qwenlite.experiments.plan import CONTEXTS, RANKS, SCALES, build_plan
     from qwenlite.experiments.trends import grid_numbers
     from qwenlite.model.config import QwenConfig
@@ -125,6 +126,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
         for name, body in tables.items():
             (tmp / f"table-{name}.tex").write_text(body)
         (tmp / "numbers.tex").write_text(n.tex())
+        (tmp / "experiments.md").write_text(results_markdown(sweep))
         figs = R.write_figures(sweep, diag, tmp)
         words = check_tex(tex.read_text(), set(n.values)) if tex else None
         R.replace_dir(tmp, out)
