@@ -27,8 +27,6 @@ class WideKVCache(KVCache):
     nothing), for attention emulated on the fp32 units, which would otherwise widen the whole
     cache at every decode step (see :func:`new_cache`)."""
 
-    holds_bf16 = True
-
     def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, dtype, device):
         super().__init__(n_layers, batch, n_kv_heads, max_len, head_dim, torch.float32, device)
 
@@ -62,7 +60,7 @@ class AcceleratedAttention(Attention):
             return super().attend(q, k, v, mask, causal, cache)
         return kernels.attention(q, k, v, attn_mask=mask, is_causal=causal,
                                  enable_gqa=self.n_kv_heads != self.n_heads,
-                                 kv_bf16=getattr(cache, "holds_bf16", False))
+                                 kv_bf16=isinstance(cache, WideKVCache))
 
 
 class AcceleratedSwiGLU(SwiGLU):
