@@ -14,21 +14,25 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from qwenlite.errors import QwenliteError
 from qwenlite.evaluation.generation import generate, run_flops
 from qwenlite.flops import (
     MATMUL_PARTS,
     TRAIN_FACTOR,
+    MatmulTrace,
     component,
     counting_model,
     executed_flops,
     forward_flops,
     generation_flops,
     main,
+    meta_twin,
     summarize,
+    trace_training_step,
     train_step_flops,
-    training_graph,
 )
 from qwenlite.model import QwenConfig, QwenForCausalLM, init_random
+from qwenlite.model.counting import matmul_flops
 from qwenlite.training.lora import apply_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,20 +282,38 @@ def test_train_step_rule_and_executed_side_figure():
     assert 0 < e["backward.weight_grads"] < 0.001 * lora.forward  # LoRA A/B only
 
 
-def test_training_graph_names_every_breakdown_part():
-    """The backward walk knows every part ``flops()`` reports, so none is guessed."""
+def test_training_trace_owns_every_elementwise_part():
+    """Every elementwise part ``flops()`` reports belongs to a traced module, so none is guessed;
+    which modules need gradients is autograd's answer."""
     model = counting_model(TINY, lora_rank=2)
-    mats, grads = training_graph(model, 5)
+    trace = trace_training_step(model, 5)
     keys = set(forward_flops(model, 5, loss=True))
-    assert {k for k in keys if k.rsplit(".", 1)[-1] in MATMUL_PARTS} == set(mats)
-    for key in keys - set(mats):
-        assert any(key == g or key.startswith(g + ".") for g in grads), key
-    for key, mat in mats.items():  # same shapes as the forward count
-        assert mat.forward() == forward_flops(model, 5, loss=True)[key], key
-    # layer 0's frozen K projection sees the frozen embedding: no gradient at all
-    k0 = mats["model.layers.0.self_attn.k_proj.matmul"]
-    assert not k0.grad_a and not k0.grad_b
-    assert mats["model.layers.1.self_attn.k_proj.matmul"].grad_a
+    for key in keys:
+        if key.rsplit(".", 1)[-1] not in MATMUL_PARTS:
+            assert any(key == g or key.startswith(g + ".") for g in trace.needs_grad), key
+    # layer 0's frozen K projection sees the frozen embedding: no gradient; layer 1's does
+    assert not trace.needs_grad["model.layers.0.self_attn.k_proj"]
+    assert trace.needs_grad["model.layers.1.self_attn.k_proj"]
+    assert trace.needs_grad["loss"]
+
+
+def test_meta_twin_mirrors_trainability_and_leaves_the_model_alone():
+    model = counting_model(TINY, lora_rank=2, lora_targets=("k_proj", "down_proj"))
+    model.model.norm.weight.requires_grad_(True)
+    twin = meta_twin(model)
+    assert twin is not model and twin.model.layers[0].self_attn.impl == "eager"
+    assert model.model.layers[0].self_attn.impl == "sdpa"
+    assert ({n for n, p in twin.named_parameters() if p.requires_grad}
+            == {n for n, p in model.named_parameters() if p.requires_grad})
+
+
+def test_matmul_trace_refuses_a_product_it_cannot_count():
+    a = torch.zeros(3, 4, device="meta")
+    with MatmulTrace() as trace:
+        torch.mm(a, a.T)
+    assert trace.flops == matmul_flops(3, 4, 3)
+    with pytest.raises(QwenliteError, match="cannot count"), MatmulTrace():
+        torch.mv(a, torch.zeros(4, device="meta"))
 
 
 def test_frozen_model_executes_no_backward():

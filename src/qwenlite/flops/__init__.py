@@ -28,16 +28,19 @@ from qwenlite.flops.counts import (
                                    generation_flops,
 )
 from qwenlite.flops.executed import (
-                                   MatMul,
+                                   MatmulTrace,
+                                   TrainingTrace,
                                    TrainStepFlops,
                                    executed_flops,
+                                   meta_twin,
+                                   trace_training_step,
                                    train_step_flops,
-                                   training_graph,
 )
 from qwenlite.flops.tables import breakdown_table, component, summarize
 
 __all__ = [
-    "MATMUL_PARTS", "TRAIN_FACTOR", "MatMul", "TrainStepFlops", "breakdown_table", "build_parser",
-    "component", "counting_model", "executed_flops", "forward_flops", "generation_flops", "main",
-    "report", "summarize", "train_step_flops", "training_graph",
+    "MATMUL_PARTS", "TRAIN_FACTOR", "MatmulTrace", "TrainStepFlops", "TrainingTrace",
+    "breakdown_table", "build_parser", "component", "counting_model", "executed_flops",
+    "forward_flops", "generation_flops", "main", "meta_twin", "report", "summarize",
+    "trace_training_step", "train_step_flops",
 ]

@@ -1,114 +1,141 @@
 """The FLOPS of a training step: the coursework's 3 × forward rule (the budget figure), and apart
-from it the *executed* side figure, what a frozen-base implementation's backward computes."""
+from it the *executed* side figure, what a frozen-base implementation's backward computes — read
+from autograd itself, by running the step on a meta-device twin of the model."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from qwenlite.flops.counts import TRAIN_FACTOR, check_positive, forward_flops
+from qwenlite.errors import QwenliteError
+from qwenlite.flops.counts import (
+    MATMUL_PARTS,
+    TRAIN_FACTOR,
+    check_positive,
+    counting_model,
+    forward_flops,
+)
 from qwenlite.model.counting import FlopCount, matmul_flops
 from qwenlite.model.decoder import QwenForCausalLM
-from qwenlite.training.lora import LoRALinear
+from qwenlite.training.lora import DEFAULT_TARGETS, logit_bias, lora_layers
+from qwenlite.training.loss import linear_cross_entropy
+
+_ATEN = torch.ops.aten
+#: aten matrix products -> (index of A, index of B) among their arguments.
+_PRODUCTS = {_ATEN.mm.default: (0, 1), _ATEN.bmm.default: (0, 1),
+             _ATEN.addmm.default: (1, 2), _ATEN.baddbmm.default: (1, 2)}
+
+
+class MatmulTrace(TorchDispatchMode):
+    """Adds up, at the coursework's m·p·(2n−1), the matrix products dispatched while active.
+
+    Only :data:`_PRODUCTS` are expected (eager attention, linear layers, the fused loss); any other
+    product-like operation is refused rather than silently left out.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _PRODUCTS:
+            ia, ib = _PRODUCTS[func]
+            a, b = args[ia], args[ib]
+            batch = a.shape[0] if a.dim() == 3 else 1
+            self.flops += batch * matmul_flops(a.shape[-2], a.shape[-1], b.shape[-1])
+        elif any(word in func.__name__ for word in ("mm", "mv", "dot", "matmul", "attention")):
+            raise QwenliteError(f"the executed-FLOPS trace cannot count {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def meta_twin(model: QwenForCausalLM) -> QwenForCausalLM:
+    """The model's structure on the meta device: same config, LoRA (rank, targets, merged or
+    not), logit bias and ``requires_grad`` per parameter; eager attention, so that every product
+    is a plain matmul."""
+    lora = lora_layers(model)
+    ranks = {layer.r for layer in lora.values()}
+    if len(ranks) > 1:
+        raise QwenliteError(f"cannot trace LoRA layers of different ranks {sorted(ranks)}")
+    targets = sorted({name.rpartition(".")[2] for name in lora}) or DEFAULT_TARGETS
+    twin = counting_model(model.config, ranks.pop() if ranks else None, targets,
+                          logit_bias=logit_bias(model) is not None)
+    for name, layer in lora_layers(twin).items():
+        if name not in lora:
+            raise QwenliteError(f"cannot trace this model: LoRA on some {name.rpartition('.')[2]}"
+                                " layers only")
+        layer.merged = lora[name].merged
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    names = {name for name, _ in twin.named_parameters()}
+    if not trainable <= names:
+        raise QwenliteError(f"cannot trace parameter {min(trainable - names)}")
+    for name, p in twin.named_parameters():
+        p.requires_grad_(name in trainable)
+    twin.set_attention_impl("eager")
+    return twin
 
 
 @dataclass(frozen=True)
-class MatMul:
-    """``count`` independent (m×k)(k×p) products ``C = A·B`` of a forward pass.
+class TrainingTrace:
+    """What autograd computes for one training step, traced on a meta-device twin of the model.
 
     Attributes:
-        grad_a, grad_b: whether backpropagation needs the gradient of A (dC·Bᵀ, (m×p)(p×k)) and
-            of B (Aᵀ·dC, (k×m)(m×p)). For ``x·Wᵀ`` A is the activation and B the weight.
-        weight: B is a parameter (a linear layer), not an activation (attention's K and V).
+        backward_matmuls: FLOPS of the matrix products of the backward (the fused loss's
+            gradient w.r.t. the hidden states included, though it computes it in the forward).
+        weight_grads: the part of them that are gradients of trainable weight matrices.
+        needs_grad: module name (and ``loss``) -> whether its output needs a gradient.
     """
 
-    count: int
-    m: int
-    k: int
-    p: int
-    grad_a: bool
-    grad_b: bool
-    weight: bool = True
-
-    def forward(self) -> int:
-        return self.count * matmul_flops(self.m, self.k, self.p)
-
-    def grad_a_flops(self) -> int:
-        return self.count * matmul_flops(self.m, self.p, self.k) if self.grad_a else 0
-
-    def grad_b_flops(self) -> int:
-        return self.count * matmul_flops(self.k, self.m, self.p) if self.grad_b else 0
+    backward_matmuls: int
+    weight_grads: int
+    needs_grad: dict[str, bool]
 
 
-def _trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
+def trace_training_step(model: QwenForCausalLM, seq_len: int, batch: int = 1) -> TrainingTrace:
+    """Run a training step — forward, loss on every position, backward — on the meta device
+    (shapes only: no memory, no arithmetic) and count what autograd dispatches.
 
-
-def training_graph(model: QwenForCausalLM, seq_len: int,
-                   batch: int = 1) -> tuple[dict[str, MatMul], dict[str, bool]]:
-    """The matmuls of a training forward and which parts backpropagation goes through.
-
-    Follows ``requires_grad`` through the network as autograd does: a tensor needs a gradient
-    when it depends on a trainable parameter. So frozen weights get no weight gradient, input
-    gradients flow through every layer after the first trainable one, and the first layer's
-    frozen projections (whose input, the embedding, is frozen) get no input gradient either.
-
-    Args:
-        model: the model; trainability is read from its parameters' ``requires_grad``.
-        seq_len: tokens per sequence (all through the LM head).
-        batch: sequences; linear layers see ``batch·seq_len`` rows, attention ``batch·h`` heads.
-    Returns:
-        ``(matmuls, needs_grad)``: matmuls keyed by the breakdown's names (real shapes, GQA
-        K/V projections narrow), and for each elementwise part's prefix whether its output needs
-        a gradient.
+    Autograd decides what the backward computes: input gradients where something trainable lies
+    upstream, weight gradients for trainable matrices only. Nothing here restates the
+    architecture; the modules' forwards are what is traced.
     """
-    n, rows = seq_len, batch * seq_len
-    mats: dict[str, MatMul] = {}
-    grads: dict[str, bool] = {}
+    twin = meta_twin(model)
+    needs_grad: dict[str, bool] = {}
+    rows: dict[str, int] = {}
 
-    def linear(name: str, module: nn.Module, x_rg: bool) -> bool:
-        base = module.base if isinstance(module, LoRALinear) else module
-        mats[f"{name}.matmul"] = MatMul(1, rows, base.in_features, base.out_features, x_rg,
-                                        base.weight.requires_grad)
-        out_rg = x_rg or _trainable(base)
-        if isinstance(module, LoRALinear) and not module.merged:
-            a_rg, b_rg = module.lora_A.weight.requires_grad, module.lora_B.weight.requires_grad
-            mats[f"{name}.lora_A"] = MatMul(1, rows, module.in_features, module.r, x_rg, a_rg)
-            mats[f"{name}.lora_B"] = MatMul(1, rows, module.r, module.out_features,
-                                            x_rg or a_rg, b_rg)
-            out_rg = out_rg or a_rg or b_rg
-        grads[name] = out_rg
-        return out_rg
+    def record(name: str):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor):  # the rotary cos/sin pair needs none
+                needs_grad[name] = output.requires_grad
+            if isinstance(module, nn.Linear):
+                rows[name] = inputs[0].numel() // module.in_features
+        return hook
 
-    x_rg = model.model.embed_tokens.weight.requires_grad
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}"
-        attn, mlp = layer.self_attn, layer.mlp
-        h_rg = grads[f"{p}.input_layernorm"] = x_rg or _trainable(layer.input_layernorm)
-        q_rg = linear(f"{p}.self_attn.q_proj", attn.q_proj, h_rg)
-        k_rg = linear(f"{p}.self_attn.k_proj", attn.k_proj, h_rg)
-        v_rg = linear(f"{p}.self_attn.v_proj", attn.v_proj, h_rg)
-        grads[f"{p}.self_attn.rope"] = q_rg or k_rg
-        heads, hd = batch * attn.n_heads, attn.head_dim
-        mats[f"{p}.self_attn.scores"] = MatMul(heads, n, hd, n, q_rg, k_rg, False)
-        s_rg = q_rg or k_rg
-        for part in ("scale", "mask", "softmax"):
-            grads[f"{p}.self_attn.{part}"] = s_rg
-        mats[f"{p}.self_attn.values"] = MatMul(heads, n, n, hd, s_rg, v_rg, False)
-        o_rg = linear(f"{p}.self_attn.o_proj", attn.o_proj, s_rg or v_rg)
-        x_rg = x_rg or o_rg
-        h2_rg = grads[f"{p}.post_attention_layernorm"] = (
-            x_rg or _trainable(layer.post_attention_layernorm))
-        g_rg = linear(f"{p}.mlp.gate_proj", mlp.gate_proj, h2_rg)
-        u_rg = linear(f"{p}.mlp.up_proj", mlp.up_proj, h2_rg)
-        grads[f"{p}.mlp.silu"] = g_rg
-        grads[f"{p}.mlp.gating"] = g_rg or u_rg
-        d_rg = linear(f"{p}.mlp.down_proj", mlp.down_proj, g_rg or u_rg)
-        x_rg = grads[f"{p}.residual"] = x_rg or d_rg
-    hf_rg = grads["model.norm"] = x_rg or _trainable(model.model.norm)
-    grads["loss"] = linear("lm_head", model.lm_head, hf_rg)
-    return mats, grads
+    handles = [m.register_forward_hook(record(name)) for name, m in twin.named_modules() if name]
+    ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+    try:
+        with MatmulTrace() as forward:
+            h = twin(ids, return_hidden=True).reshape(batch * seq_len, -1)
+            loss = linear_cross_entropy(h, twin.lm_head.weight, ids.reshape(-1),
+                                        bias=twin.lm_head.bias)
+        with MatmulTrace() as backward:
+            if loss.requires_grad:
+                loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    # The fused loss applies the head's weight itself: the head's output is the loss's input.
+    needs_grad["lm_head"] = needs_grad["loss"] = loss.requires_grad
+    rows["lm_head"] = batch * seq_len
+    modules = dict(twin.named_modules())
+    weight_grads = sum(matmul_flops(modules[name].in_features, n, modules[name].out_features)
+                       for name, n in rows.items() if modules[name].weight.requires_grad)
+    counted = forward_flops(twin, seq_len, batch, loss=True).matching(MATMUL_PARTS).total()
+    return TrainingTrace(forward.flops - counted + backward.flops, weight_grads, needs_grad)
 
 
 def _needs_grad(key: str, grads: dict[str, bool]) -> bool:
@@ -117,7 +144,7 @@ def _needs_grad(key: str, grads: dict[str, bool]) -> bool:
         if name in grads:
             return grads[name]
         name = name.rpartition(".")[0]
-    return True  # a part this walk does not know: count it (overestimate, never under)
+    return True  # a part no traced module owns: count it (overestimate, never under)
 
 
 @dataclass(frozen=True)
@@ -128,9 +155,10 @@ class TrainStepFlops:
         forward: the training forward (all positions through the LM head, plus the loss).
         rule: ``3 × forward`` — the coursework's rule and **the figure charged to the budget**.
         executed: side figure, not the budget: the forward plus the backward that a frozen-base
-            implementation executes — matmul gradients counted exactly (input gradients where
-            autograd needs them, weight gradients for trainable matrices only, e.g. LoRA A/B),
-            elementwise backward taken as equal to its forward; real GQA shapes always.
+            implementation executes — its matmuls as autograd dispatches them (input gradients
+            where needed, weight gradients for trainable matrices only, e.g. LoRA A/B), the
+            elementwise backward of every module whose output needs a gradient taken as equal to
+            its forward; real GQA shapes always. Traced on first use (about a second).
         breakdown: ``forward`` itemized (``part -> FLOPS``, the batch included).
         executed_breakdown: ``executed`` split into ``forward``, ``backward.input_grads``,
             ``backward.weight_grads`` and ``backward.elementwise``.
@@ -138,9 +166,16 @@ class TrainStepFlops:
 
     forward: int
     rule: int
-    executed: int
     breakdown: FlopCount = field(repr=False)
-    executed_breakdown: FlopCount = field(repr=False)
+    trace: Callable[[], FlopCount] = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def executed_breakdown(self) -> FlopCount:
+        return self.trace()
+
+    @property
+    def executed(self) -> int:
+        return self.executed_breakdown.total()
 
     @property
     def train_step(self) -> int:
@@ -160,16 +195,13 @@ def executed_flops(model: QwenForCausalLM, seq_len: int, batch: int = 1) -> Flop
     """
     check_positive(seq_len=seq_len, batch=batch)
     fwd = forward_flops(model, seq_len, batch, loss=True)
-    mats, grads = training_graph(model, seq_len, batch)
-    elementwise = sum(v for k, v in fwd.items()
-                      if k not in mats and _needs_grad(k, grads))
-    if not any(p.requires_grad for p in model.parameters()):
-        elementwise = 0  # nothing to train, no backward
+    trace = trace_training_step(model, seq_len, batch)
+    elementwise = sum(v for k, v in fwd.items() if k.rpartition(".")[2] not in MATMUL_PARTS
+                      and _needs_grad(k, trace.needs_grad))
     return FlopCount({
         "forward": fwd.total(),
-        "backward.input_grads": sum(m.grad_a_flops() + (0 if m.weight else m.grad_b_flops())
-                                    for m in mats.values()),
-        "backward.weight_grads": sum(m.grad_b_flops() for m in mats.values() if m.weight),
+        "backward.input_grads": trace.backward_matmuls - trace.weight_grads,
+        "backward.weight_grads": trace.weight_grads,
         "backward.elementwise": elementwise,
     })
 
@@ -192,5 +224,5 @@ def train_step_flops(model: QwenForCausalLM, seq_len: int, batch: int = 1, *,
     """
     breakdown = forward_flops(model, seq_len, batch, loss=True, gqa_as_mha=gqa_as_mha)
     forward = breakdown.total()
-    executed = executed_flops(model, seq_len, batch)
-    return TrainStepFlops(forward, TRAIN_FACTOR * forward, executed.total(), breakdown, executed)
+    return TrainStepFlops(forward, TRAIN_FACTOR * forward, breakdown,
+                          functools.partial(executed_flops, model, seq_len, batch))

@@ -47,8 +47,7 @@ class QwenModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta,
-                                          config.max_position_embeddings)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
     def forward(self, input_ids, position_ids, mask=None, cache=None, cache_start=0):
         """input_ids, position_ids: (batch, n) -> hidden states (batch, n, hidden)."""

@@ -106,8 +106,6 @@ def load_model(
         raise CheckpointError(f"checkpoint {directory} is missing tensor {missing[0]}{more}")
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.cos_table = torch.empty(0, config.head_dim, device=device)
-    model.model.rotary_emb.sin_table = torch.empty(0, config.head_dim, device=device)
     model.requires_grad_(False)
     return model.eval()
 
