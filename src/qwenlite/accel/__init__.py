@@ -5,7 +5,7 @@ static KV cache. This package makes it fast on a CPU without changing what it co
 
 * :mod:`~qwenlite.accel.emulation` — bf16 matmuls on the fp32 units of CPUs without bf16
   arithmetic (exact bf16 semantics, ~6× torch's generic bf16 loop);
-* :mod:`~qwenlite.accel.skinny` (+ ``skinny.cpp``) — a C++ AVX2 kernel for decode steps' few-row
+* :mod:`~qwenlite.accel.skinny` (+ ``skinny_*.cpp``) — a C++ AVX2 kernel for decode steps' few-row
   matmuls and attention, built on first use;
 * :mod:`~qwenlite.accel.packing` — oneDNN-prepacked decode weights where the kernel does not serve;
 * :mod:`~qwenlite.accel.kernels` — which of these each matmul and attention goes through;

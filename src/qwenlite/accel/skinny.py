@@ -6,16 +6,17 @@ oneDNN's best (weights reordered once into its blocked layout, fp32) reaches ~70
 2-core Zen 3, where a large fp32 matmul reaches ~160. And a bf16 model on a CPU without bf16
 arithmetic had to keep a second, fp32 copy of every weight for it (:mod:`~qwenlite.accel.packing`).
 
-``skinny.cpp`` computes each output as a dot product along the weight's rows, 8 lanes at a time,
-reading the weights as they are stored — bf16 (widened as they are read, exactly) or fp32 — with
-every product and sum in fp32 and the output rounded to bf16 for a bf16 model: the arithmetic of
-a bf16 GEMM, as :mod:`~qwenlite.accel.emulation` emulates it. No reordered or widened copy is kept. All of a 0.5B
-model's decode-step matmuls for 8 rows took 76.4 ms over bf16 weights and 116.9 ms over fp32
-ones, where oneDNN took 122.9 ms over its prepacked fp32 copies
-(``python benchmarks/bench_cpu_measures.py decode-matmuls``). It also computes a decode step's
-attention (each KV head's query heads over its cached keys and values, fp32 or bf16, softmax in
-fp32 with Cephes' exp): 16.9 ms a step for 8 sequences × 900 cached tokens, 12.0 ms over a bf16
-cache, against 22.5 ms through torch's SDPA (``... decode-attention``).
+``skinny_linears.cpp`` computes each output as a dot product along the weight's rows, 8 lanes
+at a time, reading the weights as they are stored — bf16 (widened as they are read, exactly) or
+fp32 — with every product and sum in fp32 and the output rounded to bf16 for a bf16 model: the
+arithmetic of a bf16 GEMM, as :mod:`~qwenlite.accel.emulation` emulates it. No reordered or
+widened copy is kept. All of a 0.5B model's decode-step matmuls for 8 rows took 76.4 ms over bf16
+weights and 116.9 ms over fp32 ones, where oneDNN took 122.9 ms over its prepacked fp32 copies
+(``python benchmarks/bench_cpu_measures.py decode-matmuls``). ``skinny_attention.cpp`` computes
+a decode step's attention (each KV head's query heads over its cached keys and values, fp32 or
+bf16, softmax in fp32 with Cephes' exp): 16.9 ms a step for 8 sequences × 900 cached tokens,
+12.0 ms over a bf16 cache, against 22.5 ms through torch's SDPA (``... decode-attention``).
+``skinny.h`` holds what the two share.
 
 It is built once per machine with the C++ compiler (``$CXX``, else ``g++``/``c++``/``clang++``)
 into ``$QWENLITE_CACHE/kernels`` (default ``~/.cache/qwenlite``), loaded with ctypes, and checked
@@ -52,7 +53,9 @@ MAX_ROWS = 32
 64 they were level)."""
 MAX_OUTPUTS = 8  # the C++ side holds as many (``Out outs[8]``)
 _warned: set[str] = set()  # reasons already warned of, once a process
-SOURCE = Path(__file__).with_name("skinny.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in
+                ("skinny.h", "skinny_linears.cpp", "skinny_attention.cpp"))
+"""The kernel's source: a header both halves share, the few-row matmuls and the decode attention."""
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -80,7 +83,8 @@ def find_compiler() -> str | None:
 def build(compiler: str) -> Path:
     """The kernel's shared library, compiled into the cache unless there already; raises
     RuntimeError with one line saying what failed."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode())
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES)
+                            + " ".join((compiler, *FLAGS)).encode())
     folder = cache_dir() / "kernels"
     target = folder / f"skinny-{digest.hexdigest()[:16]}.so"
     if target.exists():
@@ -89,7 +93,8 @@ def build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".skinny-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
+        units = [str(src) for src in SOURCES if src.suffix == ".cpp"]
+        done = subprocess.run([compiler, *FLAGS, *units, "-o", tmp], capture_output=True,
                               text=True, timeout=300)
         if done.returncode != 0:
             lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
