@@ -17,6 +17,7 @@ from qwenlite.evaluation.metrics import (
     crps_from_samples,
     error_by_horizon,
     pad_forecast,
+    paired_difference,
     point_metrics,
     summarize,
 )
@@ -256,3 +257,29 @@ def test_pad_errors():
         pad_forecast(np.zeros((2, 3)), 2, CTX)
     with pytest.raises(QwenliteError):
         pad_forecast(np.zeros((2, 2)), -1, CTX)
+
+
+def test_paired_difference_cancels_what_the_systems_share():
+    """Systems of very different difficulty, one forecaster 0.1 better on each: the paired
+    interval is tight around -0.1 (an unpaired one would span the spread between systems)."""
+    rng = np.random.default_rng(0)
+    hard = rng.lognormal(0.0, 1.5, size=40)
+    d = paired_difference(hard - 0.1, hard)
+    assert d["mean"] == pytest.approx(-0.1)
+    assert d["ci"] == pytest.approx([-0.1, -0.1])
+    assert (d["lower"], d["ties"], d["n"]) == (40, 0, 40)
+    _, lo, hi = bootstrap_ci(hard - 0.1)
+    assert hi - lo > 0.5  # what the unpaired interval of one forecaster spans
+
+
+def test_paired_difference_counts_ties_drops_nonfinite_and_checks_lengths():
+    a = np.array([1.0, 2.0, 3.0, np.nan, 5.0])
+    b = np.array([1.0, 3.0, 1.0, 1.0, np.inf])
+    d = paired_difference(a, b)
+    assert (d["lower"], d["ties"], d["n"]) == (1, 1, 3)
+    assert d["mean"] == pytest.approx((0 - 1 + 2) / 3)
+    assert d["ci"][0] <= d["mean"] <= d["ci"][1]
+    noisy = paired_difference([0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0])
+    assert noisy["ci"][0] < 0 < noisy["ci"][1]  # as often better as worse: 0 inside
+    with pytest.raises(QwenliteError, match="differ in length"):
+        paired_difference([1.0, 2.0], [1.0])

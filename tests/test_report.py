@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 from conftest import ROOT, SHARED, TOKENIZER_JSON
 
@@ -99,3 +100,48 @@ def test_spearman_and_the_grid_trend_numbers():
     assert float(n.values["grid.lr1.loss"]) == pytest.approx(sum(at_first) / len(at_first),
                                                              abs=5e-4)
     assert -1 <= float(n.values["grid.spearman"]) <= 1
+
+
+def test_paired_numbers_compare_the_same_systems_and_say_when_noise_covers_it():
+    from qwenlite.experiments.latex import Numbers
+    from qwenlite.experiments.trends import compare, paired_numbers, shorter_twin, system_mae
+
+    sweep = load_sweep(RESULTS)
+    n = Numbers()
+    paired_numbers(n, sweep)
+    grid = sweep.choices["stages"]["grid"]["chosen"]
+    ids, ours = system_mae(sweep, grid, "val")
+    _, zero = system_mae(sweep, "zeroshot", "val")
+    # the per-system MAEs average to the recorded means
+    assert ours.mean() == pytest.approx(sweep.results[grid]["val"]["mae"], rel=1e-9)
+    assert zero.mean() == pytest.approx(sweep.results["zeroshot"]["val"]["mae"], rel=1e-9)
+    assert int(n.values["pair.grid.n"]) == len(ids)
+    assert int(n.values["pair.grid.lower"]) == int((ours < zero).sum())
+    assert int(n.values["pair.grid.ties"]) == int((ours == zero).sum())
+    assert int(n.values["pair.grid.higher"]) == int((ours > zero).sum())
+    top = int(n.values["pair.grid.top"])
+    hardest = np.argsort(-zero)[:top]
+    topdiff = float(n.values["pair.grid.topdiff"].replace("$-$", "-").replace("$+$", ""))
+    assert topdiff == pytest.approx((ours[hardest] - zero[hardest]).sum() / len(ids), abs=6e-4)
+    diff = float(n.values["pair.grid.diff"].replace("$-$", "-").replace("$+$", ""))
+    assert diff == pytest.approx(ours.mean() - zero.mean(), abs=6e-4)
+    lo, hi = (float(n.values[f"pair.grid.{k}"].replace("$-$", "-").replace("$+$", ""))
+              for k in ("lo", "hi"))
+    verdict = "lower" if hi < 0 else "higher" if lo > 0 else "indistinguishable"
+    assert lo <= diff <= hi and n.values["pair.grid.verdict"] == verdict
+    # a shorter twin shares the recipe and has fewer steps; pending until the final exists
+    twin = shorter_twin(sweep, "final")
+    if "final" in sweep.results:
+        assert twin is None or sweep.results[twin]["settings"]["steps"] < \
+            sweep.results["final"]["settings"]["steps"]
+    else:
+        assert twin is None and n.values["pair.steps.diff"] == r"\textit{pending}"
+
+    class Mismatched:  # two evaluations of different systems must not be paired
+        def predictions(self, name, split):
+            systems = np.arange(3) + (name == "b")
+            return {"systems": systems, "pred_qwen": np.zeros((3, 2, 2)),
+                    "truth": np.ones((3, 2, 2))}
+
+    with pytest.raises(QwenliteError, match="different val systems"):
+        compare(Numbers(), "pair.x", Mismatched(), "a", "b", "val")

@@ -201,6 +201,34 @@ def summarize(per_system_values, n_boot: int = 2000, seed: int = 0, level: float
             "median_ci": [_py(dlo), _py(dhi)], "n": n, "n_nonfinite": int(v.size - n)}
 
 
+
+def paired_difference(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """How two forecasters differ on the same systems: ``a - b`` per system, its mean with a
+    bootstrap interval over systems (resampled in pairs, so what the systems share cancels),
+    and on how many systems ``a`` is lower and on how many the two are equal.
+
+    Args:
+        a, b: (S,) one value per system for each forecaster (e.g. per-system MAE), same order.
+        n_boot, seed, level: as in :func:`bootstrap_ci`.
+
+    Returns:
+        ``{"mean", "ci": [lo, hi], "lower": systems where a < b, "ties": where a == b,
+        "n": systems compared}``;
+        systems where either value is not finite are left out.
+
+    Raises:
+        QwenliteError: ``a`` and ``b`` of different lengths.
+    """
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise QwenliteError(f"paired values differ in length: {x.size} and {y.size}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    mean, lo, hi = bootstrap_ci(x - y, np.mean, n_boot, seed, level)
+    return {"mean": _py(mean), "ci": [_py(lo), _py(hi)], "lower": int((x < y).sum()),
+            "ties": int((x == y).sum()), "n": int(keep.sum())}
+
 # ----- probabilistic forecasts --------------------------------------------------------------------
 def crps_from_samples(samples, truth, reduce: bool = True) -> np.ndarray:
     """Continuous ranked probability score of sampled forecasts.

@@ -243,7 +243,8 @@ def diagnosis(diag: dict | None, out: Path) -> str:
         a.bar(x + (i - 0.5) * 0.38, nll, width=0.38, label=label)
         by_h = diag[key]["greedy"]["mae_by_horizon"]
         b.plot(np.arange(1, len(by_h) + 1), by_h, marker="o", ms=2, label=label)
-    a.set_xticks(x, ["tens", "units", "1st decimal", "2nd decimal"][:len(classes)])
+    names = {"tens": "tens", "units": "units", "dec1": "1st dec.", "dec2": "2nd dec."}
+    a.set_xticks(x, [names[c] for c in classes])  # a label per class present, in its place
     a.set_ylabel("teacher-forced NLL (nats)")
     a.legend()
     b.set_xlabel("forecast step")

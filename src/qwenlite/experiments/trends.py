@@ -1,15 +1,22 @@
-"""What the learning-rate × rank grid shows across its cells, as report numbers (``grid.*``).
+"""What the results show across experiments, as report numbers.
 
-The diagnosis found that a lower validation loss need not mean a better forecast; these numbers
-let the report say whether the grid agrees: the validation loss before training, each learning
-rate's mean final validation loss and mean validation MAE over its ranks, and the rank
-correlation between a cell's loss and its MAE.
+``grid.*``: the diagnosis found that a lower validation loss need not mean a better forecast;
+these numbers let the report say whether the grid agrees: the validation loss before training,
+each learning rate's mean final validation loss and mean validation MAE over its ranks, and the
+rank correlation between a cell's loss and its MAE.
+
+``pair.*``: each choice and the final model against what it replaces, on the same systems: the
+mean per-system difference in MAE with its paired bootstrap interval, and on how many systems
+the first is better, so that the report can say which differences are larger than the noise of
+a few validation systems.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from qwenlite.errors import QwenliteError
+from qwenlite.evaluation.metrics import paired_difference, point_metrics
 from qwenlite.experiments.collect import Sweep
 from qwenlite.experiments.latex import Numbers, fixed, lr_tex, tex_escape
 
@@ -74,3 +81,84 @@ def grid_numbers(n: Numbers, sweep: Sweep, lrs) -> None:
         n["grid.spearman"] = f"{rho:+.2f}"
     else:
         n["grid.spearman"] = PENDING
+
+
+PAIR_FIELDS = ("diff", "lo", "hi", "lower", "ties", "higher", "n", "verdict", "top", "topdiff")
+TOP_SHARE = 0.1  # the share of systems, hardest for the second forecaster, behind .top/.topdiff
+SAME_RECIPE = ("lr", "rank", "context", "logit_bias")
+
+
+def signed(x: float) -> str:
+    """``x`` with its sign, a real minus in LaTeX."""
+    return f"$-${-x:.3f}" if x < 0 else f"$+${x:.3f}"
+
+
+def system_mae(sweep: Sweep, name: str, split: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(system ids, per-system MAE of the model's forecasts) of an evaluation, or None."""
+    pred = sweep.predictions(name, split)
+    if pred is None:
+        return None
+    mae = point_metrics(pred["pred_qwen"], pred["truth"])["per_system"]["mae"]
+    return pred["systems"], np.array([np.nan if v is None else v for v in mae])
+
+
+def compare(n: Numbers, key: str, sweep: Sweep, a: str | None, b: str | None,
+            split: str) -> None:
+    """``<key>.diff/lo/hi`` (mean MAE of ``a`` minus ``b`` per system, paired 95% bootstrap
+    interval), ``.lower``/``.ties``/``.higher``/``.n`` (systems where ``a`` is lower, where the
+    two are equal — the same forecast —, where ``a`` is higher, and all systems compared),
+    ``.verdict`` (lower / higher / indistinguishable: whether the interval excludes 0) and
+    ``.top``/``.topdiff`` (the tenth of the systems on which ``b`` erred most, and their share of
+    ``.diff``: their summed difference over all systems compared)."""
+    ea = system_mae(sweep, a, split) if a else None
+    eb = system_mae(sweep, b, split) if b else None
+    if ea is None or eb is None:
+        for f in PAIR_FIELDS:
+            n[f"{key}.{f}"] = PENDING
+        return
+    if not np.array_equal(ea[0], eb[0]):
+        raise QwenliteError(f"{a} and {b} were scored on different {split} systems")
+    d = paired_difference(ea[1], eb[1])
+    lo, hi = d["ci"]
+    n[f"{key}.diff"], n[f"{key}.lo"], n[f"{key}.hi"] = signed(d["mean"]), signed(lo), signed(hi)
+    n[f"{key}.lower"], n[f"{key}.ties"], n[f"{key}.n"] = d["lower"], d["ties"], d["n"]
+    n[f"{key}.higher"] = d["n"] - d["lower"] - d["ties"]
+    keep = np.isfinite(ea[1]) & np.isfinite(eb[1])
+    a_err, b_err = ea[1][keep], eb[1][keep]
+    top = max(1, round(TOP_SHARE * d["n"]))
+    hardest = np.argsort(-b_err, kind="stable")[:top]
+    n[f"{key}.top"] = top
+    n[f"{key}.topdiff"] = signed(float((a_err[hardest] - b_err[hardest]).sum()) / d["n"])
+    n[f"{key}.verdict"] = "lower" if hi < 0 else "higher" if lo > 0 else "indistinguishable"
+
+
+def shorter_twin(sweep: Sweep, name: str) -> str | None:
+    """A finished experiment trained with ``name``'s recipe but fewer steps (the most), or None."""
+    mine = sweep.results.get(name)
+    if mine is None:
+        return None
+    twins = [x for x, r in sweep.results.items() if x != name
+             and all(r["settings"][k] == mine["settings"][k] for k in SAME_RECIPE)
+             and 0 < r["settings"]["steps"] < mine["settings"]["steps"]]
+    return max(twins, key=lambda x: sweep.results[x]["settings"]["steps"], default=None)
+
+
+def paired_numbers(n: Numbers, sweep: Sweep) -> None:
+    """``pair.grid`` (the grid's choice vs zero-shot, validation), ``pair.<context run>`` (each
+    context run vs the grid's choice, validation), ``pair.final`` / ``pair.finalval`` (the final
+    model vs zero-shot, test / validation) and ``pair.steps`` (the final model vs its shorter
+    twin, validation; ``pair.steps.name``, ``.from``, ``.to``)."""
+    n["pair.level"] = r"95\%"  # paired_difference's default level
+    stages = sweep.choices.get("stages", {})
+    grid = stages.get("grid", {}).get("chosen")
+    compare(n, "pair.grid", sweep, grid, "zeroshot", "val")
+    for e in sweep.plan["experiments"]:
+        if e["stage"] == "context":
+            compare(n, f"pair.{e['name']}", sweep, e["name"], grid, "val")
+    compare(n, "pair.final", sweep, "final", "zeroshot", "test")
+    compare(n, "pair.finalval", sweep, "final", "zeroshot", "val")
+    twin = shorter_twin(sweep, "final")
+    compare(n, "pair.steps", sweep, "final", twin, "val")
+    n["pair.steps.name"] = tex_escape(twin) if twin else PENDING
+    n["pair.steps.from"] = sweep.results[twin]["settings"]["steps"] if twin else PENDING
+    n["pair.steps.to"] = sweep.results["final"]["settings"]["steps"] if twin else PENDING
