@@ -145,3 +145,47 @@ def test_paired_numbers_compare_the_same_systems_and_say_when_noise_covers_it():
 
     with pytest.raises(QwenliteError, match="different val systems"):
         compare(Numbers(), "pair.x", Mismatched(), "a", "b", "val")
+
+
+def test_the_final_model_against_its_shorter_twin(tmp_path):
+    """A final model that replays a finished run's recipe for more steps: the twin is found,
+    the replayed steps, their loss difference and cost are reported, and a forecaster paired
+    with itself differs by exactly nothing."""
+    import json
+    import shutil
+
+    from qwenlite.experiments.latex import Numbers
+    from qwenlite.experiments.trends import paired_numbers, replay_numbers, shorter_twin
+
+    root = tmp_path / "results"
+    shutil.copytree(RESULTS, root)
+    shutil.rmtree(root / "final", ignore_errors=True)
+    twin = load_sweep(root).choices["stages"]["context"]["chosen"]
+    result = json.loads((root / twin / "result.json").read_text())
+    steps = result["settings"]["steps"]
+    result.update(name="final", stage="final")
+    result["settings"].update(name="final", stage="final", steps=2 * steps, test=True)
+    (root / "final" / "train").mkdir(parents=True)
+    (root / "final" / "result.json").write_text(json.dumps(result))
+    curve = [json.loads(x) for x in (root / twin / "train" / "metrics.jsonl").read_text()
+             .splitlines()]
+    more = [dict(r, step=r["step"] + steps) for r in curve if r["step"] > 0]
+    curve[3] = dict(curve[3], loss=curve[3]["loss"] + 0.25)  # one replayed step differs
+    (root / "final" / "train" / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in curve + more))
+    shutil.copytree(root / twin / "eval-val", root / "final" / "eval-val")
+    shutil.copytree(root / "zeroshot" / "eval-test", root / "final" / "eval-test")
+    sweep = load_sweep(root)
+    assert shorter_twin(sweep, "final") == twin
+    n = Numbers()
+    paired_numbers(n, sweep)
+    replay_numbers(n, sweep)
+    assert int(n.values["replay.steps"]) == steps
+    assert n.values["replay.maxdiff"] == r"\ensuremath{2.50\times10^{-1}}"
+    last = curve[-1]
+    assert n.values["replay.minutes"] == f"{last['seconds'] / 60:.0f}"
+    assert (n.values["pair.steps.from"], n.values["pair.steps.to"]) == (str(steps), str(2 * steps))
+    for key in ("pair.steps", "pair.final"):  # the same forecasts: no difference, all tied
+        assert n.values[f"{key}.diff"] == "$+$0.000" and n.values[f"{key}.verdict"] == \
+            "indistinguishable"
+        assert n.values[f"{key}.ties"] == n.values[f"{key}.n"]

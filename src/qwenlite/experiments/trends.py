@@ -18,7 +18,7 @@ import numpy as np
 from qwenlite.errors import QwenliteError
 from qwenlite.evaluation.metrics import paired_difference, point_metrics
 from qwenlite.experiments.collect import Sweep
-from qwenlite.experiments.latex import Numbers, fixed, lr_tex, tex_escape
+from qwenlite.experiments.latex import Numbers, fixed, lr_tex, sci, tex_escape
 
 PENDING = r"\textit{pending}"
 NA = r"\textit{n/a}"
@@ -162,3 +162,24 @@ def paired_numbers(n: Numbers, sweep: Sweep) -> None:
     n["pair.steps.name"] = tex_escape(twin) if twin else PENDING
     n["pair.steps.from"] = sweep.results[twin]["settings"]["steps"] if twin else PENDING
     n["pair.steps.to"] = sweep.results["final"]["settings"]["steps"] if twin else PENDING
+
+
+def replay_numbers(n: Numbers, sweep: Sweep) -> None:
+    """``replay.*``: how the final model's first steps compare with its shorter twin's, which
+    trained the same recipe from the same seed: ``replay.steps`` (the steps both ran),
+    ``replay.maxdiff`` (the largest difference in training loss over them) and
+    ``replay.flops``/``replay.minutes`` (what the final model spent on them, its validations
+    included: what continuing the twin's checkpoint would have saved)."""
+    twin = shorter_twin(sweep, "final")
+    if twin is None:
+        for key in ("steps", "maxdiff", "flops", "minutes"):
+            n[f"replay.{key}"] = PENDING
+        return
+    ours = {r["step"]: r for r in sweep.curve("final") if "loss" in r}
+    theirs = {r["step"]: r for r in sweep.curve(twin) if "loss" in r}
+    shared = sorted(set(ours) & set(theirs))
+    n["replay.steps"] = len(shared)
+    n["replay.maxdiff"] = sci(max(abs(ours[s]["loss"] - theirs[s]["loss"]) for s in shared)) \
+        if shared else NA
+    n["replay.flops"] = sci(ours[shared[-1]]["flops"]) if shared else NA
+    n["replay.minutes"] = f"{ours[shared[-1]]['seconds'] / 60:.0f}" if shared else NA
