@@ -3,11 +3,13 @@
 A speed figure from another day is not a baseline: the same code measured on this shared 2-core
 VM has moved by 10-25% between sessions. So a change that must not slow anything down is
 checked by running the *same* benchmark script at the commit before it and the commit after it,
-in alternating rounds (A, B, A, B, ...) in one session, and comparing each timed quantity's best
-round. Each commit runs from its own detached worktree (``git worktree add``, kept under
-``--worktrees`` for the next call), with its own ``src`` first on ``PYTHONPATH`` and its own copy
-of the benchmark script; the script's ``--out`` JSON is read back and every timing in it (a key
-ending in ``_s`` or named ``seconds``) is tabled, with the ratio after/before.
+in alternating rounds in one session (A B, then B A, ...: neither commit always meets the cold
+caches), and comparing each timed quantity's best round. The commits are commits: uncommitted
+edits are not measured. Each commit runs from its own detached worktree (``git worktree add``,
+kept under ``--worktrees`` for the next call), with its own ``src`` first on ``PYTHONPATH`` and
+its own copy of the benchmark script; the script's ``--out`` JSON is read back and every timing in it (a key
+ending in ``_s`` but not a rate ``per_s``, or named ``seconds``) is tabled, with the ratio
+after/before.
 
     QWENLITE_WEIGHTS=DIR python benchmarks/ab_commits.py 9bcb0c0 HEAD --rounds 2 \\
         -- bench_inference.py --dtypes fp32 --repeats 1
@@ -49,8 +51,9 @@ def timings(tree, prefix: str = "") -> dict[str, float]:
     if isinstance(tree, dict):
         for key, value in tree.items():
             path = f"{prefix}.{key}" if prefix else str(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and (
-                    str(key).endswith("_s") or key == "seconds"):
+            is_time = (str(key).endswith("_s") and not str(key).endswith("per_s")) \
+                or key == "seconds"
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and is_time:
                 out[path] = float(value)
             else:
                 out.update(timings(value, path))
@@ -72,7 +75,8 @@ def main() -> None:
     parser.add_argument("after")
     parser.add_argument("bench", nargs=argparse.REMAINDER,
                         help="-- SCRIPT [ARGS]: a script of benchmarks/ and its arguments")
-    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds per commit")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds per commit, the order swapped every round (A B, B A, ...)")
     parser.add_argument("--worktrees", type=Path,
                         default=Path(tempfile.gettempdir()) / "qwenlite-ab")
     parser.add_argument("--keep", type=Path, default=None, help="keep each round's JSON here")
@@ -85,7 +89,8 @@ def main() -> None:
     best: list[dict[str, float]] = [{}, {}]
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for i, (sha, path) in enumerate(trees):
+            for i in (0, 1) if r % 2 == 0 else (1, 0):
+                sha, path = trees[i]
                 keep = args.keep or Path(tmp)
                 keep.mkdir(parents=True, exist_ok=True)
                 got = run_round(path, script, extra, keep / f"{sha[:12]}-round{r + 1}.json")

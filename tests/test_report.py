@@ -120,14 +120,14 @@ def test_paired_numbers_compare_the_same_systems_and_say_when_noise_covers_it():
     assert int(n.values["pair.grid.ties"]) == int((ours == zero).sum())
     assert int(n.values["pair.grid.higher"]) == int((ours > zero).sum())
     top = int(n.values["pair.grid.top"])
-    hardest = np.argsort(-zero)[:top]
+    hardest = np.argsort(-(ours + zero))[:top]  # hardest for both, not for zero-shot alone
     topdiff = float(n.values["pair.grid.topdiff"].replace("$-$", "-").replace("$+$", ""))
     assert topdiff == pytest.approx((ours[hardest] - zero[hardest]).sum() / len(ids), abs=6e-4)
     diff = float(n.values["pair.grid.diff"].replace("$-$", "-").replace("$+$", ""))
     assert diff == pytest.approx(ours.mean() - zero.mean(), abs=6e-4)
     lo, hi = (float(n.values[f"pair.grid.{k}"].replace("$-$", "-").replace("$+$", ""))
               for k in ("lo", "hi"))
-    verdict = "lower" if hi < 0 else "higher" if lo > 0 else "indistinguishable"
+    verdict = "lower than" if hi < 0 else "higher than" if lo > 0 else "indistinguishable from"
     assert lo <= diff <= hi and n.values["pair.grid.verdict"] == verdict
     # a shorter twin shares the recipe and has fewer steps; pending until the final exists
     twin = shorter_twin(sweep, "final")
@@ -154,7 +154,7 @@ def test_the_final_model_against_its_shorter_twin(tmp_path):
     import json
     import shutil
 
-    from qwenlite.experiments.latex import Numbers
+    from qwenlite.experiments.latex import Numbers, sci
     from qwenlite.experiments.trends import paired_numbers, replay_numbers, shorter_twin
 
     root = tmp_path / "results"
@@ -167,6 +167,7 @@ def test_the_final_model_against_its_shorter_twin(tmp_path):
     result["settings"].update(name="final", stage="final", steps=2 * steps, test=True)
     (root / "final" / "train").mkdir(parents=True)
     (root / "final" / "result.json").write_text(json.dumps(result))
+    shutil.copy(root / twin / "train" / "config.json", root / "final" / "train" / "config.json")
     curve = [json.loads(x) for x in (root / twin / "train" / "metrics.jsonl").read_text()
              .splitlines()]
     more = [dict(r, step=r["step"] + steps) for r in curve if r["step"] > 0]
@@ -184,8 +185,23 @@ def test_the_final_model_against_its_shorter_twin(tmp_path):
     assert n.values["replay.maxdiff"] == r"\ensuremath{2.50\times10^{-1}}"
     last = curve[-1]
     assert n.values["replay.minutes"] == f"{last['seconds'] / 60:.0f}"
+    assert n.values["replay.flops"] == sci(last["flops"])
     assert (n.values["pair.steps.from"], n.values["pair.steps.to"]) == (str(steps), str(2 * steps))
     for key in ("pair.steps", "pair.final"):  # the same forecasts: no difference, all tied
-        assert n.values[f"{key}.diff"] == "$+$0.000" and n.values[f"{key}.verdict"] == \
-            "indistinguishable"
+        assert n.values[f"{key}.diff"] == "0.000" and n.values[f"{key}.verdict"] == \
+            "indistinguishable from"
         assert n.values[f"{key}.ties"] == n.values[f"{key}.n"]
+    # another seed is another recipe: no twin, and the comparison is pending
+    config = json.loads((root / "final" / "train" / "config.json").read_text())
+    (root / "final" / "train" / "config.json").write_text(json.dumps({**config, "seed": 1}))
+    assert shorter_twin(load_sweep(root), "final") is None
+
+
+def test_elapsed_training_time_counts_every_resumed_segment():
+    from qwenlite.experiments.trends import elapsed
+
+    curve = [{"step": 0, "val_loss": 1.0}, {"step": 1, "seconds": 10.0},
+             {"step": 2, "seconds": 20.0}, {"step": 3, "seconds": 4.0},  # resumed after step 2
+             {"step": 4, "seconds": 9.0}]
+    assert elapsed(curve, 4) == pytest.approx(29.0)
+    assert elapsed(curve, 2) == pytest.approx(20.0)

@@ -83,8 +83,10 @@ def find_compiler() -> str | None:
 def build(compiler: str) -> Path:
     """The kernel's shared library, compiled into the cache unless there already; raises
     RuntimeError with one line saying what failed."""
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES)
-                            + " ".join((compiler, *FLAGS)).encode())
+    digest = hashlib.sha256(" ".join((compiler, *FLAGS)).encode())
+    for src in SOURCES:  # each file by name and length, so text moved between files counts
+        body = src.read_bytes()
+        digest.update(f"\0{src.name}\0{len(body)}\0".encode() + body)
     folder = cache_dir() / "kernels"
     target = folder / f"skinny-{digest.hexdigest()[:16]}.so"
     if target.exists():

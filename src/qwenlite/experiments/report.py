@@ -87,29 +87,41 @@ def results_table(sweep: Sweep) -> str:
 
 
 def baseline_numbers(n: Numbers, sweep: Sweep) -> str:
-    """``zs.<split>.<model>.<metric>`` of the zero-shot evaluation, and its table."""
+    """``zs.<split>.<model>.<metric>`` of the zero-shot evaluation (the baselines with it),
+    ``fin.<split>.<metric>`` of the final model's once it exists, and their table."""
     rows = []
+
+    def add(split: str, key: str, label: str, res: dict) -> None:
+        o, sy = res["original"]["metrics"]["overall"], res["original"]["systems"]
+        lo, hi = sy["mae"]["mean_ci"]
+        n[key + "mae"], n[key + "mse"] = fixed(o["mae"]), fixed(o["mse"])
+        n[key + "mase"], n[key + "median"] = fixed(o["mase"], 2), fixed(sy["mae"]["median"])
+        n[key + "maeci"] = f"[{lo:.3f}, {hi:.3f}]"
+        rows.append([split, tex_escape(label), *(rf"\R{{{key}{f}}}" for f in (
+            "mae", "maeci", "median", "mse", "mase"))])
+
     for split in ("val", "test"):
         ev = sweep.evaluation("zeroshot", split)
         if ev is None:
             continue
         for model, res in ev["results"].items():
-            o, sy = res["original"]["metrics"]["overall"], res["original"]["systems"]
-            k = f"zs.{split}.{model.replace('_', '')}."
-            lo, hi = sy["mae"]["mean_ci"]
-            n[k + "mae"], n[k + "mse"] = fixed(o["mae"]), fixed(o["mse"])
-            n[k + "mase"], n[k + "median"] = fixed(o["mase"], 2), fixed(sy["mae"]["median"])
-            n[k + "maeci"] = f"[{lo:.3f}, {hi:.3f}]"
-            label = "Qwen2.5 zero-shot" if model == "qwen" else figures.LABEL.get(model, model)
-            rows.append([split, tex_escape(label), *(rf"\R{{{k}{f}}}" for f in (
-                "mae", "maeci", "median", "mse", "mase"))])
+            add(split, f"zs.{split}.{model.replace('_', '')}.",
+                "Qwen2.5 zero-shot" if model == "qwen" else figures.LABEL.get(model, model), res)
+            if model == "qwen":  # the final model right under zero-shot, or pending
+                final = sweep.evaluation("final", split)
+                if final is not None:
+                    add(split, f"fin.{split}.", "Qwen2.5 + LoRA, final", final["results"]["qwen"])
+                else:
+                    for f in ("mae", "mse", "mase", "median", "maeci"):
+                        n[f"fin.{split}.{f}"] = PENDING
         n[f"zs.{split}.systems"] = ev["systems"]
         parse = ev["results"]["qwen"].get("parse", {})
         n[f"zs.{split}.missing"] = pct(parse.get("missing_step_rate", 0.0), 1)
     if not rows:
         return "% zero-shot not evaluated yet\n"
+    per_split = sum(r[0] == rows[0][0] for r in rows)  # a rule between the two splits
     return tabular("llrlrrr", ["split", "forecaster", "MAE", "95\\% CI", "median", "MSE",
-                               "MASE"], rows, (len(rows) // 2 - 1,) if len(rows) > 4 else ())
+                               "MASE"], rows, (per_split - 1,) if per_split < len(rows) else ())
 
 
 def flops_numbers(n: Numbers, sweep: Sweep) -> str:

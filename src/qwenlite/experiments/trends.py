@@ -13,6 +13,8 @@ a few validation systems.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from qwenlite.errors import QwenliteError
@@ -84,13 +86,16 @@ def grid_numbers(n: Numbers, sweep: Sweep, lrs) -> None:
 
 
 PAIR_FIELDS = ("diff", "lo", "hi", "lower", "ties", "higher", "n", "verdict", "top", "topdiff")
-TOP_SHARE = 0.1  # the share of systems, hardest for the second forecaster, behind .top/.topdiff
-SAME_RECIPE = ("lr", "rank", "context", "logit_bias")
+TOP_SHARE = 0.1  # the share of systems, hardest for both forecasters, behind .top/.topdiff
+SAME_RECIPE = ("lr", "rank", "context", "batch", "logit_bias")
 
 
 def signed(x: float) -> str:
-    """``x`` with its sign, a real minus in LaTeX."""
-    return f"$-${-x:.3f}" if x < 0 else f"$+${x:.3f}"
+    """``x`` with its sign, a real minus in LaTeX (none where it rounds to zero)."""
+    text = f"{abs(x):.3f}"
+    if float(text) == 0:
+        return text
+    return f"$-${text}" if x < 0 else f"$+${text}"
 
 
 def system_mae(sweep: Sweep, name: str, split: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -107,9 +112,13 @@ def compare(n: Numbers, key: str, sweep: Sweep, a: str | None, b: str | None,
     """``<key>.diff/lo/hi`` (mean MAE of ``a`` minus ``b`` per system, paired 95% bootstrap
     interval), ``.lower``/``.ties``/``.higher``/``.n`` (systems where ``a`` is lower, where the
     two are equal — the same forecast —, where ``a`` is higher, and all systems compared),
-    ``.verdict`` (lower / higher / indistinguishable: whether the interval excludes 0) and
-    ``.top``/``.topdiff`` (the tenth of the systems on which ``b`` erred most, and their share of
-    ``.diff``: their summed difference over all systems compared)."""
+    ``.verdict`` ("lower than" / "higher than" / "indistinguishable from": whether the interval
+    excludes 0, as words to put between the two forecasters' names) and ``.top``/``.topdiff``
+    (the tenth of the systems with the largest error, averaged over both forecasters, and their
+    contribution to ``.diff``: their summed difference divided by all systems compared). The
+    hardest systems are chosen by both errors, not by ``b``'s alone: picking the systems on
+    which ``b`` erred most would favour ``a`` even between equal forecasters (regression to
+    the mean)."""
     ea = system_mae(sweep, a, split) if a else None
     eb = system_mae(sweep, b, split) if b else None
     if ea is None or eb is None:
@@ -119,6 +128,10 @@ def compare(n: Numbers, key: str, sweep: Sweep, a: str | None, b: str | None,
     if not np.array_equal(ea[0], eb[0]):
         raise QwenliteError(f"{a} and {b} were scored on different {split} systems")
     d = paired_difference(ea[1], eb[1])
+    if d["n"] == 0:  # no system both scored: nothing to compare
+        for f in PAIR_FIELDS:
+            n[f"{key}.{f}"] = NA
+        return
     lo, hi = d["ci"]
     n[f"{key}.diff"], n[f"{key}.lo"], n[f"{key}.hi"] = signed(d["mean"]), signed(lo), signed(hi)
     n[f"{key}.lower"], n[f"{key}.ties"], n[f"{key}.n"] = d["lower"], d["ties"], d["n"]
@@ -126,20 +139,28 @@ def compare(n: Numbers, key: str, sweep: Sweep, a: str | None, b: str | None,
     keep = np.isfinite(ea[1]) & np.isfinite(eb[1])
     a_err, b_err = ea[1][keep], eb[1][keep]
     top = max(1, round(TOP_SHARE * d["n"]))
-    hardest = np.argsort(-b_err, kind="stable")[:top]
+    hardest = np.argsort(-(a_err + b_err), kind="stable")[:top]
     n[f"{key}.top"] = top
     n[f"{key}.topdiff"] = signed(float((a_err[hardest] - b_err[hardest]).sum()) / d["n"])
-    n[f"{key}.verdict"] = "lower" if hi < 0 else "higher" if lo > 0 else "indistinguishable"
+    n[f"{key}.verdict"] = ("lower than" if hi < 0 else "higher than" if lo > 0
+                           else "indistinguishable from")
 
 
 def shorter_twin(sweep: Sweep, name: str) -> str | None:
-    """A finished experiment trained with ``name``'s recipe but fewer steps (the most), or None."""
+    """A finished experiment trained with ``name``'s recipe and seed but fewer steps (the most
+    steps of those), or None."""
     mine = sweep.results.get(name)
     if mine is None:
         return None
+
+    def seed(x: str):
+        path = sweep.root / x / "train" / "config.json"
+        return json.loads(path.read_text()).get("seed") if path.is_file() else None
+
     twins = [x for x, r in sweep.results.items() if x != name
              and all(r["settings"][k] == mine["settings"][k] for k in SAME_RECIPE)
-             and 0 < r["settings"]["steps"] < mine["settings"]["steps"]]
+             and 0 < r["settings"]["steps"] < mine["settings"]["steps"]
+             and seed(x) == seed(name)]
     return max(twins, key=lambda x: sweep.results[x]["settings"]["steps"], default=None)
 
 
@@ -147,7 +168,8 @@ def paired_numbers(n: Numbers, sweep: Sweep) -> None:
     """``pair.grid`` (the grid's choice vs zero-shot, validation), ``pair.<context run>`` (each
     context run vs the grid's choice, validation), ``pair.final`` / ``pair.finalval`` (the final
     model vs zero-shot, test / validation) and ``pair.steps`` (the final model vs its shorter
-    twin, validation; ``pair.steps.name``, ``.from``, ``.to``)."""
+    twin, validation; ``pair.steps.name``, ``.from``, ``.to`` and ``.fromloss``, the twin's
+    validation loss)."""
     n["pair.level"] = r"95\%"  # paired_difference's default level
     stages = sweep.choices.get("stages", {})
     grid = stages.get("grid", {}).get("chosen")
@@ -162,24 +184,44 @@ def paired_numbers(n: Numbers, sweep: Sweep) -> None:
     n["pair.steps.name"] = tex_escape(twin) if twin else PENDING
     n["pair.steps.from"] = sweep.results[twin]["settings"]["steps"] if twin else PENDING
     n["pair.steps.to"] = sweep.results["final"]["settings"]["steps"] if twin else PENDING
+    n["pair.steps.fromloss"] = fixed(sweep.results[twin].get("val_loss")) if twin else PENDING
+
+
+def elapsed(curve: list[dict], upto: int) -> float:
+    """Seconds of training up to step ``upto`` from a run's records, across resumes: each
+    process counts its ``seconds`` from its own start, so a fall marks a resumed run."""
+    total = previous = 0.0
+    for r in sorted((r for r in curve if "seconds" in r and r["step"] <= upto),
+                    key=lambda r: r["step"]):
+        total += r["seconds"] - previous if r["seconds"] >= previous else r["seconds"]
+        previous = r["seconds"]
+    return total
 
 
 def replay_numbers(n: Numbers, sweep: Sweep) -> None:
     """``replay.*``: how the final model's first steps compare with its shorter twin's, which
     trained the same recipe from the same seed: ``replay.steps`` (the steps both ran),
-    ``replay.maxdiff`` (the largest difference in training loss over them) and
+    ``replay.maxdiff`` (the largest difference in training loss over them),
     ``replay.flops``/``replay.minutes`` (what the final model spent on them, its validations
-    included: what continuing the twin's checkpoint would have saved)."""
+    included: what continuing the twin's checkpoint would have saved) and ``replay.commits``
+    (the code the two ran, in words)."""
     twin = shorter_twin(sweep, "final")
+    keys = ("steps", "maxdiff", "flops", "minutes", "commits")
     if twin is None:
-        for key in ("steps", "maxdiff", "flops", "minutes"):
+        for key in keys:
             n[f"replay.{key}"] = PENDING
         return
     ours = {r["step"]: r for r in sweep.curve("final") if "loss" in r}
     theirs = {r["step"]: r for r in sweep.curve(twin) if "loss" in r}
     shared = sorted(set(ours) & set(theirs))
+    if not shared:
+        for key in keys:
+            n[f"replay.{key}"] = NA
+        return
     n["replay.steps"] = len(shared)
-    n["replay.maxdiff"] = sci(max(abs(ours[s]["loss"] - theirs[s]["loss"]) for s in shared)) \
-        if shared else NA
-    n["replay.flops"] = sci(ours[shared[-1]]["flops"]) if shared else NA
-    n["replay.minutes"] = f"{ours[shared[-1]]['seconds'] / 60:.0f}" if shared else NA
+    n["replay.maxdiff"] = sci(max(abs(ours[s]["loss"] - theirs[s]["loss"]) for s in shared))
+    n["replay.flops"] = sci(ours[shared[-1]]["flops"])
+    n["replay.minutes"] = f"{elapsed(sweep.curve('final'), shared[-1]) / 60:.0f}"
+    commits = {sweep.results[x].get("commit", "?")[:7] for x in (twin, "final")}
+    n["replay.commits"] = ("the same commit of the code" if len(commits) == 1 else
+                           "commits " + " and ".join(rf"\code{{{c}}}" for c in sorted(commits)))
