@@ -155,7 +155,12 @@ def test_the_final_model_against_its_shorter_twin(tmp_path):
     import shutil
 
     from qwenlite.experiments.latex import Numbers, sci
-    from qwenlite.experiments.trends import paired_numbers, replay_numbers, shorter_twin
+    from qwenlite.experiments.trends import (
+        horizon_numbers,
+        paired_numbers,
+        replay_numbers,
+        shorter_twin,
+    )
 
     root = tmp_path / "results"
     shutil.copytree(RESULTS, root)
@@ -191,6 +196,17 @@ def test_the_final_model_against_its_shorter_twin(tmp_path):
         assert n.values[f"{key}.diff"] == "0.000" and n.values[f"{key}.verdict"] == \
             "indistinguishable from"
         assert n.values[f"{key}.ties"] == n.values[f"{key}.n"]
+    # error by horizon: the first and last quarter of the steps, the twin's under its own label
+    horizon_numbers(n, sweep)
+    h = sweep.plan["scale"]["horizon"]
+    q = h // 4
+    assert (n.values["hz.early"], n.values["hz.late"]) == (f"1--{q}", f"{h - q + 1}--{h}")
+    pred = sweep.predictions("zeroshot", "val")
+    err = np.abs(pred["pred_qwen"] - pred["truth"])
+    assert float(n.values["hz.zeroshot.val.early"]) == pytest.approx(err[:, :q].mean(), abs=6e-4)
+    assert float(n.values["hz.zeroshot.val.late"]) == pytest.approx(err[:, -q:].mean(), abs=6e-4)
+    assert n.values["hz.final.val.late"] == n.values["hz.twin.val.late"]  # the same forecasts
+    assert n.values[f"hz.{twin}.test.early"] == r"\textit{n/a}"  # scored on validation only
     # another seed is another recipe: no twin, and the comparison is pending
     config = json.loads((root / "final" / "train" / "config.json").read_text())
     (root / "final" / "train" / "config.json").write_text(json.dumps({**config, "seed": 1}))

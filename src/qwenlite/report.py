@@ -88,7 +88,12 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     from qwenlite.experiments.latex import Numbers
     from qwenlite.experiments.markdown import results_markdown
     from qwenlite.experiments.plan import CONTEXTS, RANKS, SCALES, build_plan
-    from qwenlite.experiments.trends import grid_numbers, paired_numbers, replay_numbers
+    from qwenlite.experiments.trends import (
+        grid_numbers,
+        horizon_numbers,
+        paired_numbers,
+        replay_numbers,
+    )
     from qwenlite.model.config import QwenConfig
 
     sweep = load_sweep(results)
@@ -113,6 +118,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     grid_numbers(n, sweep, sweep.plan["scale"]["lrs"])
     paired_numbers(n, sweep)
     replay_numbers(n, sweep)
+    horizon_numbers(n, sweep)
     R.diagnosis_numbers(n, diag)
     scale = sweep.plan["scale"]  # the coursework's contexts and ranks, and the sweep's own
     R.training_numbers(n, config, dataset.trajectories, split.train, settings, tokenizer,

@@ -225,3 +225,25 @@ def replay_numbers(n: Numbers, sweep: Sweep) -> None:
     commits = {sweep.results[x].get("commit", "?")[:7] for x in (twin, "final")}
     n["replay.commits"] = ("the same commit of the code" if len(commits) == 1 else
                            "commits " + " and ".join(rf"\code{{{c}}}" for c in sorted(commits)))
+
+
+def horizon_numbers(n: Numbers, sweep: Sweep) -> None:
+    """``hz.<name>.<split>.early``/``.late``: an experiment's MAE over the first and the last
+    quarter of the forecast steps (``hz.early``/``hz.late`` name the steps), for every planned
+    experiment and split (pending or n/a where not scored), and as ``hz.twin.*`` for the final
+    model's shorter twin: how training trades near-term accuracy against drift further out."""
+    h = int(sweep.plan["scale"]["horizon"])
+    q = max(1, h // 4)
+    n["hz.early"], n["hz.late"] = f"1--{q}", f"{h - q + 1}--{h}"
+    twin = shorter_twin(sweep, "final")
+    for name, label in [*((x, x) for x in sweep.names), (twin, "twin")]:
+        for split in ("val", "test"):
+            pred = sweep.predictions(name, split) if name else None
+            for part in ("early", "late"):
+                key = f"hz.{label}.{split}.{part}"
+                if pred is None:
+                    n[key] = PENDING if not name or not sweep.done(name) else NA
+                    continue
+                err = np.abs(pred["pred_qwen"] - pred["truth"])  # (S, h, V)
+                steps = slice(0, q) if part == "early" else slice(h - q, h)
+                n[key] = fixed(float(np.nanmean(err[:, steps])))
