@@ -73,17 +73,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("before")
     parser.add_argument("after")
-    parser.add_argument("bench", nargs=argparse.REMAINDER,
-                        help="-- SCRIPT [ARGS]: a script of benchmarks/ and its arguments")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds per commit, the order swapped every round (A B, B A, ...)")
     parser.add_argument("--worktrees", type=Path,
                         default=Path(tempfile.gettempdir()) / "qwenlite-ab")
     parser.add_argument("--keep", type=Path, default=None, help="keep each round's JSON here")
-    args = parser.parse_args()
-    bench = args.bench[1:] if args.bench[:1] == ["--"] else args.bench
+    parser.usage = "%(prog)s BEFORE AFTER [--rounds N] [--keep DIR] -- SCRIPT [ARGS...]"
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:cut])
+    bench = argv[cut + 1:]
     if not bench:
         parser.error("name the benchmark after --, e.g. -- bench_inference.py --dtypes fp32")
+    if args.keep:
+        args.keep = args.keep.resolve()  # the rounds run in the worktrees
     script, extra = bench[0], bench[1:]
     trees = [worktree(c, args.worktrees) for c in (args.before, args.after)]
     best: list[dict[str, float]] = [{}, {}]
