@@ -201,6 +201,9 @@ def choice_numbers(n: Numbers, sweep: Sweep) -> None:
     n["choice.grid"] = tex_escape(grid["chosen"]) if grid else PENDING
     n["choice.grid.lr"] = lr_tex(grid["sets"]["lr"]) if grid else PENDING
     n["choice.grid.rank"] = grid["sets"]["rank"] if grid else PENDING
+    chosen = sweep.results.get(grid["chosen"]) if grid else None
+    n["choice.grid.valmae"] = fixed(chosen["val"]["mae"]) if chosen else PENDING
+    n["choice.grid.valloss"] = fixed(chosen.get("val_loss")) if chosen else PENDING
     ctx, ctl = stages.get("context"), stages.get("control")
     n["choice.context"] = ctx["sets"]["context"] if ctx else PENDING
     n["choice.bias"] = ("with" if ctl["sets"]["logit_bias"] else "without") if ctl else PENDING

@@ -165,8 +165,9 @@ def shorter_twin(sweep: Sweep, name: str) -> str | None:
 
 
 def paired_numbers(n: Numbers, sweep: Sweep) -> None:
-    """``pair.grid`` (the grid's choice vs zero-shot, validation), ``pair.<context run>`` (each
-    context run vs the grid's choice, validation), ``pair.final`` / ``pair.finalval`` (the final
+    """``pair.grid`` (the grid's choice vs zero-shot, validation), ``pair.ctxshort`` and
+    ``pair.ctxlong`` (the context study's shortest and longest run vs the grid's choice,
+    validation; ``.context`` their context), ``pair.final`` / ``pair.finalval`` (the final
     model vs zero-shot, test / validation) and ``pair.steps`` (the final model vs its shorter
     twin, validation; ``pair.steps.name``, ``.from``, ``.to`` and ``.fromloss``, the twin's
     validation loss)."""
@@ -174,9 +175,12 @@ def paired_numbers(n: Numbers, sweep: Sweep) -> None:
     stages = sweep.choices.get("stages", {})
     grid = stages.get("grid", {}).get("chosen")
     compare(n, "pair.grid", sweep, grid, "zeroshot", "val")
-    for e in sweep.plan["experiments"]:
-        if e["stage"] == "context":
-            compare(n, f"pair.{e['name']}", sweep, e["name"], grid, "val")
+    runs = sorted((e for e in sweep.plan["experiments"] if e["stage"] == "context"),
+                  key=lambda e: e["context"] or 0)
+    ends = (runs[0], runs[-1]) if runs else (None, None)
+    for label, e in zip(("ctxshort", "ctxlong"), ends):
+        compare(n, f"pair.{label}", sweep, e["name"] if e else None, grid, "val")
+        n[f"pair.{label}.context"] = e["context"] if e and e["context"] else NA
     compare(n, "pair.final", sweep, "final", "zeroshot", "test")
     compare(n, "pair.finalval", sweep, "final", "zeroshot", "val")
     twin = shorter_twin(sweep, "final")
