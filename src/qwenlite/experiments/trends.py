@@ -127,7 +127,9 @@ def compare(n: Numbers, key: str, sweep: Sweep, a: str | None, b: str | None,
         return
     if not np.array_equal(ea[0], eb[0]):
         raise QwenliteError(f"{a} and {b} were scored on different {split} systems")
-    d = paired_difference(ea[1], eb[1])
+    keep = np.isfinite(ea[1]) & np.isfinite(eb[1])  # systems both scored
+    a_err, b_err = ea[1][keep], eb[1][keep]
+    d = paired_difference(a_err, b_err)
     if d["n"] == 0:  # no system both scored: nothing to compare
         for f in PAIR_FIELDS:
             n[f"{key}.{f}"] = NA
@@ -136,8 +138,6 @@ def compare(n: Numbers, key: str, sweep: Sweep, a: str | None, b: str | None,
     n[f"{key}.diff"], n[f"{key}.lo"], n[f"{key}.hi"] = signed(d["mean"]), signed(lo), signed(hi)
     n[f"{key}.lower"], n[f"{key}.ties"], n[f"{key}.n"] = d["lower"], d["ties"], d["n"]
     n[f"{key}.higher"] = d["n"] - d["lower"] - d["ties"]
-    keep = np.isfinite(ea[1]) & np.isfinite(eb[1])
-    a_err, b_err = ea[1][keep], eb[1][keep]
     top = max(1, round(TOP_SHARE * d["n"]))
     hardest = np.argsort(-(a_err + b_err), kind="stable")[:top]
     n[f"{key}.top"] = top
