@@ -11,7 +11,7 @@ from torch import nn
 
 from qwenlite.accel import apply, emulation, kernels, packing, settings
 from qwenlite.accel.modules import WideKVCache
-from qwenlite.accel.settings import BF16_ENV, Settings
+from qwenlite.accel.settings import BF16_ENV, KERNEL_ENV, Settings
 from qwenlite.errors import QwenliteError
 from qwenlite.model.config import QwenConfig
 from qwenlite.model.loading import init_random
@@ -34,7 +34,7 @@ def mode(monkeypatch):
 def onednn_decode(monkeypatch):
     """Decode steps without the decode kernel (qwenlite.accel.skinny), through weights
     prepacked for oneDNN, as where the kernel is not built."""
-    monkeypatch.setattr(settings.current(), "decode_kernel", False)
+    monkeypatch.setattr(settings.current(), "decode_kernel", "off")
 
 
 def assert_bf16_close(actual, expected, ulps=2.0):
@@ -74,6 +74,11 @@ def test_modes_and_environment(mode, monkeypatch):
     assert Settings.from_env({}) == Settings()
     with pytest.raises(QwenliteError, match=BF16_ENV):
         Settings.from_env({BF16_ENV: "fast"})
+    for word, kernel in [("1", "on"), (" ON", "on"), ("0", "off"), ("false", "off"),
+                         ("", "auto"), ("Auto", "auto")]:
+        assert Settings.from_env({KERNEL_ENV: word}).decode_kernel == kernel
+    with pytest.raises(QwenliteError, match=KERNEL_ENV):
+        Settings.from_env({KERNEL_ENV: "2"})
     monkeypatch.setenv(BF16_ENV, "emulate")
     try:
         settings.reload()
@@ -265,13 +270,13 @@ def test_packed_weight_is_kept_and_refreshed(mode, dtype, monkeypatch, onednn_de
         torch.testing.assert_close(second, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("decode_kernel", ["1", "0"])
+@pytest.mark.parametrize("decode_kernel", ["on", "off"])
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
 def test_decode_attention_equals_sdpa(mask_kind, decode_kernel, monkeypatch):
     """A decode step's attention (one query per sequence over a cache view, 4 query heads per KV
     head) as qwenlite computes it on the CPU, through the decode kernel or without it, equals
     torch's SDPA."""
-    monkeypatch.setattr(settings.current(), "decode_kernel", (decode_kernel) != "0")
+    monkeypatch.setattr(settings.current(), "decode_kernel", decode_kernel)
     torch.manual_seed(6)
     cache_k = torch.randn(3, 2, 20, 16)
     cache_v = torch.randn(3, 2, 20, 16)

@@ -19,10 +19,12 @@ BF16 = torch.bfloat16
 
 
 @pytest.fixture
-def kernel():
-    """Skip where this machine cannot host the kernel (another CPU or OS, no C++ compiler); where
-    it can, a kernel that fails to build or to pass its check against torch fails the test (a
-    skip there would hide a broken kernel behind the oneDNN fallback)."""
+def kernel(monkeypatch):
+    """The kernel on (``$QWENLITE_DECODE_KERNEL=1``: also on a CPU where oneDNN outpaces it).
+    Skip where this machine cannot host it (another CPU or OS, no C++ compiler); where it can, a
+    kernel that fails to build or to pass its check against torch fails the test (a skip there
+    would hide a broken kernel behind the oneDNN fallback)."""
+    monkeypatch.setattr(settings.current(), "decode_kernel", "on")
     host = skinny.unsupported() or (None if skinny.find_compiler() else "no C++ compiler found")
     if host:
         pytest.skip(f"no decode kernel here: {host}")
@@ -187,11 +189,11 @@ def test_kernel_steps_aside(kernel, mode, calls, monkeypatch):
         mode("native")
         bf16 = _frozen(BF16)[0]
         bf16(x.to(BF16))
-        monkeypatch.setattr(settings.current(), "decode_kernel", False)
+        monkeypatch.setattr(settings.current(), "decode_kernel", "off")
         layers[0](x)
     layers[0](x.requires_grad_(True)).sum().backward()
     assert calls == []
-    monkeypatch.setattr(settings.current(), "decode_kernel", True)
+    monkeypatch.setattr(settings.current(), "decode_kernel", "on")
     with torch.no_grad():
         layers[0](x)
     assert calls == [1]
@@ -205,7 +207,7 @@ def test_decode_steps_match_without_the_kernel(kernel, mode, monkeypatch):
     ids = torch.randint(0, cfg.vocab_size, (3, 9), generator=torch.Generator().manual_seed(1))
 
     def run(dtype, on):
-        monkeypatch.setattr(settings.current(), "decode_kernel", ("1" if on else "0") != "0")
+        monkeypatch.setattr(settings.current(), "decode_kernel", "on" if on else "off")
         packing.clear_packed_weights()
         model = apply(init_random(cfg, seed=4)).to(dtype).requires_grad_(False)
         cache = model.new_cache(3, 9)
@@ -235,6 +237,7 @@ def test_a_failed_build_falls_back_with_one_warning(fresh_build, mode, monkeypat
     """No working compiler: one warning that says why, then decode steps run through oneDNN with
     the same results; status() says it too."""
     monkeypatch.setattr(skinny, "unsupported", lambda: None)
+    monkeypatch.setattr(skinny, "outpaced", lambda: None)  # a CPU where the kernel would serve
     monkeypatch.setattr(skinny, "find_compiler", lambda: "/bin/false")
     mode("emulate")
     layer = _frozen(BF16)[0]
@@ -268,6 +271,34 @@ def test_the_build_is_cached_per_source(kernel, fresh_build, monkeypatch):
     monkeypatch.setattr(subprocess, "run", no_compiling)
     assert skinny.build(compiler) == path
     assert skinny.enabled()
+
+
+def test_auto_leaves_the_kernel_off_where_onednn_is_faster(kernel, calls, monkeypatch):
+    """``$QWENLITE_DECODE_KERNEL``: ``auto`` uses the kernel on an AVX2 CPU and leaves it off,
+    without a warning, on one with AVX-512 (status() says why and how to force it); ``1`` uses
+    it there all the same; ``0`` never."""
+    layer = _frozen(torch.float32)[0]
+    x = torch.randn(4, 32)
+    mode = settings.current()
+    monkeypatch.setattr(skinny, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    assert "AVX-512" in skinny.outpaced()
+    monkeypatch.setattr(mode, "decode_kernel", "auto")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not skinny.enabled()
+        off = layer(x)
+    assert calls == []
+    assert "AVX-512" in skinny.status() and "QWENLITE_DECODE_KERNEL=1" in skinny.status()
+    monkeypatch.setattr(mode, "decode_kernel", "on")
+    with torch.no_grad():
+        on = layer(x)
+    assert calls == [1] and skinny.status() == "decode kernel on (AVX2 C++)"
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(skinny, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(mode, "decode_kernel", "auto")
+    assert skinny.outpaced() is None and skinny.enabled()
+    monkeypatch.setattr(mode, "decode_kernel", "off")
+    assert not skinny.enabled() and skinny.status().endswith("=0)")
 
 
 def _sdpa(q, k, v, mask):
@@ -339,9 +370,9 @@ def test_decode_attention_uses_the_kernel(kernel, mode, monkeypatch):
         mode("native")
         kernels.attention(q.to(BF16), k.to(BF16), v.to(BF16), **kw)
         mode("emulate")
-        monkeypatch.setattr(settings.current(), "decode_kernel", False)
+        monkeypatch.setattr(settings.current(), "decode_kernel", "off")
         kernels.attention(q, k, v, **kw)
-    monkeypatch.setattr(settings.current(), "decode_kernel", True)
+    monkeypatch.setattr(settings.current(), "decode_kernel", "on")
     kernels.attention(q.requires_grad_(True), k, v, **kw)
     assert len(seen) == 3
 
@@ -373,7 +404,7 @@ def test_a_bf16_model_keeps_its_cache_in_bf16_with_the_kernel(kernel, mode, monk
     cache, on = steps()
     assert not isinstance(cache, WideKVCache) and cache.k.dtype == BF16
     assert len(seen) == 3 * cfg.num_hidden_layers  # every decode step's attention
-    monkeypatch.setattr(settings.current(), "decode_kernel", False)
+    monkeypatch.setattr(settings.current(), "decode_kernel", "off")
     cache, off = steps()
     assert isinstance(cache, WideKVCache) and cache.k.dtype == torch.float32
     assert (on - off).abs().max() <= 8 * 2 ** -7 * off.abs().max()

@@ -6,7 +6,8 @@ variable                   what it chooses                                      
 ``QWENLITE_BF16_MATMUL``   ``auto`` (emulate bf16 on the fp32 units where the CPU      auto
                            lacks bf16), ``native`` (torch's bf16 kernels), ``emulate``
 ``QWENLITE_PACK_WEIGHTS``  ``0``: no oneDNN-prepacked decode weights                   1
-``QWENLITE_DECODE_KERNEL`` ``0``: no C++ decode kernel                                 1
+``QWENLITE_DECODE_KERNEL`` ``auto`` (the C++ decode kernel where it beats oneDNN:       auto
+                           AVX2 CPUs without AVX-512), ``1`` (wherever it runs), ``0``
 ``QWENLITE_MALLOC``        ``system``: leave glibc's malloc as it is (``keep``: keep   keep
                            freed memory; applied by the command-line entry points)
 =========================  =========================================================  ========
@@ -31,6 +32,8 @@ PACK_ENV = "QWENLITE_PACK_WEIGHTS"
 KERNEL_ENV = "QWENLITE_DECODE_KERNEL"
 MALLOC_ENV = "QWENLITE_MALLOC"
 BF16_MODES = ("auto", "native", "emulate")
+KERNEL_MODES = ("auto", "on", "off")
+_KERNEL_WORDS = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
 MALLOC_MODES = ("keep", "system")
 
 
@@ -40,13 +43,16 @@ class Settings:
 
     bf16_matmul: str = "auto"
     pack_weights: bool = True
-    decode_kernel: bool = True
+    decode_kernel: str = "auto"
     malloc: str = "keep"
 
     def __post_init__(self) -> None:
         if self.bf16_matmul not in BF16_MODES:
             raise QwenliteError(f"${BF16_ENV} must be one of {', '.join(BF16_MODES)}, "
                                 f"got {self.bf16_matmul!r}")
+        self.decode_kernel = _KERNEL_WORDS.get(self.decode_kernel, self.decode_kernel)
+        if self.decode_kernel not in KERNEL_MODES:
+            raise QwenliteError(f"${KERNEL_ENV} must be auto, 1 or 0, got {self.decode_kernel!r}")
         if self.malloc not in MALLOC_MODES:
             raise QwenliteError(f"${MALLOC_ENV} must be one of {', '.join(MALLOC_MODES)}, "
                                 f"got {self.malloc!r}")
@@ -57,7 +63,7 @@ class Settings:
             return environ.get(name, default).strip().lower() or default
 
         return cls(bf16_matmul=text(BF16_ENV, "auto"), pack_weights=text(PACK_ENV, "1") != "0",
-                   decode_kernel=text(KERNEL_ENV, "1") != "0", malloc=text(MALLOC_ENV, "keep"))
+                   decode_kernel=text(KERNEL_ENV, "auto"), malloc=text(MALLOC_ENV, "keep"))
 
 
 @functools.cache

@@ -23,8 +23,9 @@ into ``$QWENLITE_CACHE/kernels`` (default ``~/.cache/qwenlite``), loaded with ct
 against torch before it serves. Its threads are OpenMP's: torch's own runtime where torch ships
 ``libgomp.so.1`` (its Linux wheels), which the kernel then shares.
 Where it cannot be built (no compiler, another CPU or OS) decode steps run as before, through
-oneDNN and SDPA, with one warning saying why. ``QWENLITE_DECODE_KERNEL=0`` turns it off
-(:mod:`qwenlite.accel.settings`).
+oneDNN and SDPA, with one warning saying why. On a CPU with AVX-512 they run that way too, without
+a warning: oneDNN is faster there (:func:`outpaced`). ``QWENLITE_DECODE_KERNEL=0`` turns the
+kernel off, ``=1`` on wherever it runs (:mod:`qwenlite.accel.settings`).
 """
 
 from __future__ import annotations
@@ -59,17 +60,38 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where unreadable)."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+
+
 def unsupported() -> str | None:
     """Why this machine cannot run the kernel, or None."""
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it needs Linux on x86-64 (this is {sys.platform} on {platform.machine()})"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
+    flags = cpu_flags()
+    if not flags:
         return "/proc/cpuinfo is unreadable"
     missing = {"avx2", "fma"} - flags
     if missing:
         return f"the CPU lacks {', '.join(sorted(missing))}"
+    return None
+
+
+def outpaced() -> str | None:
+    """Why oneDNN serves decode steps better than the kernel here, or None: a CPU with AVX-512,
+    whose 512-bit units oneDNN uses and the AVX2 kernel does not. On a 2-core Xeon with AVX-512
+    (and AMX) a decode step of 8 sequences over ~900 cached tokens took 125 ms through oneDNN
+    and SDPA against 157 ms through the kernel in fp32, 124 against 167 ms for an emulated bf16
+    model, and the step's matmuls alone 92.5 against 126.3 ms; on the 2-core Zen 3 (AVX2) that
+    the kernel was written on, it led (``python benchmarks/bench_cpu_measures.py decode-step``,
+    ``decode-matmuls``). ``$QWENLITE_DECODE_KERNEL=1`` uses the kernel all the same."""
+    if "avx512f" in cpu_flags():
+        return "the CPU has AVX-512, where oneDNN's decode steps are faster"
     return None
 
 
@@ -210,9 +232,11 @@ def unavailable() -> str | None:
 
 def enabled() -> bool:
     """Whether decode steps use the kernel: :attr:`Settings.decode_kernel
-    <qwenlite.accel.settings.Settings>` (``$QWENLITE_DECODE_KERNEL`` not ``0``) and it runs
-    here (built on the first call; a warning says why where it cannot be)."""
-    if not settings.current().decode_kernel:
+    <qwenlite.accel.settings.Settings>` (``$QWENLITE_DECODE_KERNEL``: ``auto`` where it is not
+    :func:`outpaced`, ``1`` wherever it runs, ``0`` never) and it runs here (built on the first
+    call; a warning says why where it cannot be)."""
+    mode = settings.current().decode_kernel
+    if mode == "off" or (mode == "auto" and outpaced()):
         return False
     lib, why = _load()
     if lib is None and why not in _warned:
@@ -224,8 +248,11 @@ def enabled() -> bool:
 
 def status() -> str:
     """One line for logs and benchmarks: whether decode steps use the kernel, and if not why."""
-    if not settings.current().decode_kernel:
+    mode = settings.current().decode_kernel
+    if mode == "off":
         return f"decode kernel off (${KERNEL_ENV}=0)"
+    if mode == "auto" and outpaced():
+        return f"decode kernel off: {outpaced()} (${KERNEL_ENV}=1 uses it)"
     lib, why = _load()
     return "decode kernel on (AVX2 C++)" if lib is not None else f"decode kernel off: {why}"
 
