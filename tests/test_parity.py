@@ -69,6 +69,26 @@ def test_eager_and_sdpa_paths_agree(pair):
     torch.testing.assert_close(sdpa, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_kept_logits_are_the_last_positions_in_the_standard_layout(pair):
+    """``logits_to_keep=k``: the last k positions' logits, with the LM head handed its rows in
+    the standard layout, not a strided view of the hidden states (torch's CPU linear copies the
+    whole weight for such a view: 568 ms against 15 for one bf16 row of the 0.5B head)."""
+    ours, _, _ = pair
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(5))
+    seen = []
+    handle = ours.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            full = ours(ids)
+            kept = ours(ids, logits_to_keep=2)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(kept, full[:, -2:], rtol=1e-6, atol=1e-6)
+    h = seen[-1]
+    assert h.shape == (3, 2, ours.config.hidden_size)
+    assert h.stride() == (2 * ours.config.hidden_size, ours.config.hidden_size, 1)
+
+
 def test_tied_head_shares_the_embedding(pair):
     ours, _, params = pair
     shared = ours.lm_head.weight is ours.model.embed_tokens.weight

@@ -163,7 +163,9 @@ class QwenForCausalLM(nn.Module):
         mask = build_mask(attention_mask, n, cache_start, b, input_ids.device)
         h = self.model(input_ids, position_ids, mask, cache, cache_start)
         if logits_to_keep:
-            h = h[:, -logits_to_keep:]
+            # Copied into the standard layout: handed the strided view, torch's CPU linear copies
+            # the whole LM head weight first (one bf16 row: 568 ms against 15; torch 2.13).
+            h = h[:, -logits_to_keep:].clone(memory_format=torch.contiguous_format)
         if return_hidden:
             return h
         return self.lm_head(h)
