@@ -60,8 +60,9 @@ def check_tex(tex: str, defined: set[str], max_words: int = MAX_WORDS) -> int:
 
     typed = hand_typed_numbers(body_of(tex))
     if typed:
-        raise QwenliteError(f"the report types {len(typed)} number(s) by hand ({', '.join(typed[:5])}"
-                            f"{', ...' if len(typed) > 5 else ''}): generate them and use \\R{{key}}")
+        shown = ", ".join(typed[:5]) + (", ..." if len(typed) > 5 else "")
+        raise QwenliteError(f"the report types {len(typed)} number(s) by hand ({shown}): "
+                            f"generate them and use \\R{{key}}")
     missing = sorted(set(re.findall(r"\\R\{([^{}]*)\}", strip_comments(tex))) - defined)
     if missing:
         raise QwenliteError(f"the report reads {len(missing)} number(s) nothing generates: "
@@ -83,6 +84,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     """Write every generated file into ``out`` (replacing it whole) and check ``tex``."""
     from qwenlite.data import load_dataset, split_systems
     from qwenlite.data.llmtime import LLMTimeSettings, fit_alpha
+    from qwenlite.experiments import method
     from qwenlite.experiments import report as R
     from qwenlite.experiments.collect import load_sweep
     from qwenlite.experiments.latex import Numbers
@@ -121,13 +123,14 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     horizon_numbers(n, sweep)
     R.diagnosis_numbers(n, diag)
     scale = sweep.plan["scale"]  # the coursework's contexts and ranks, and the sweep's own
-    R.training_numbers(n, config, dataset.trajectories, split.train, settings, tokenizer,
-                       sorted({*CONTEXTS, *scale["contexts"]}), sorted({*RANKS, *scale["ranks"]}))
+    method.training_numbers(n, config, dataset.trajectories, split.train, settings, tokenizer,
+                            sorted({*CONTEXTS, *scale["contexts"]}),
+                            sorted({*RANKS, *scale["ranks"]}))
     tables = {"experiments": R.results_table(sweep), "baselines": R.baseline_numbers(n, sweep),
               "flops": R.flops_numbers(n, sweep),
-              "flops-components": R.flops_accounting(n, config, 512, 4, 4),
-              "llmtime": R.llmtime_examples(n, dataset.trajectories, split.train, settings,
-                                            tokenizer)}
+              "flops-components": method.flops_accounting(n, config, 512, 4, 4),
+              "llmtime": method.llmtime_examples(n, dataset.trajectories, split.train, settings,
+                                                 tokenizer)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
@@ -155,7 +158,8 @@ def build_pdf(tex: Path) -> Path:
     proc = subprocess.run(cmd, cwd=tex.parent, capture_output=True, text=True)
     if proc.returncode:
         errors = [line for line in proc.stdout.splitlines() if line.startswith("!")]
-        raise QwenliteError(f"latexmk failed: {errors[0] if errors else 'see ' + tex.stem + '.log'}")
+        where = errors[0] if errors else f"see {tex.stem}.log"
+        raise QwenliteError(f"latexmk failed: {where}")
     subprocess.run(["latexmk", "-c", tex.name], cwd=tex.parent, capture_output=True)
     return tex.with_suffix(".pdf")
 
