@@ -340,6 +340,10 @@ def main() -> None:
     # The decode kernel is one of the ways measured, also where qwenlite leaves it off by default
     # (``skinny.outpaced``), unless $QWENLITE_DECODE_KERNEL says otherwise.
     os.environ.setdefault("QWENLITE_DECODE_KERNEL", "1")
+    if args.what != "malloc":  # measured as qwenlite's commands run (cli.main_guard sets it)
+        from qwenlite.accel.memory import keep_freed_memory
+
+        keep_freed_memory()
     if args.what == "decode-matmuls":
         decode_matmuls(args.rows, args.repeats)
     elif args.what == "decode-bound":
