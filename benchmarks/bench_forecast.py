@@ -20,10 +20,12 @@ import torch
 from common import (
     DTYPES,
     ROOT,
+    add_malloc_arg,
     fmt_table,
     free_memory,
     left_pad,
     machine,
+    set_malloc,
     weights_from_args,
     write_results,
 )
@@ -91,7 +93,9 @@ def main() -> None:
     parser.add_argument("--context-steps", type=int, default=80)
     parser.add_argument("--horizon", type=int, default=20)
     parser.add_argument("--out", default=None)
+    add_malloc_arg(parser)
     args = parser.parse_args()
+    malloc = set_malloc(args.malloc)
     weights = weights_from_args(args.weights)
     tok = Tokenizer(weights)
     real = ROOT.parent / "shared" / "data" / "lotka_volterra_data.h5"
@@ -100,7 +104,8 @@ def main() -> None:
     settings = fit_alpha(traj, LLMTimeSettings())
     contexts = traj[: args.systems, : args.context_steps]
     print(f"checkpoint {weights}; {machine()}; {args.systems} systems, "
-          f"{args.context_steps} -> {args.horizon} steps, greedy, one batch")
+          f"{args.context_steps} -> {args.horizon} steps, greedy, one batch; malloc ({malloc}) "
+          "shared by both implementations")
     rows, results = [], {"machine": machine(), "weights": str(weights), "args": vars(args)}
     job = args.systems * args.horizon
     for name in args.dtypes:

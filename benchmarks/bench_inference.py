@@ -24,12 +24,12 @@ Qwen2.5-0.5B-Instruct, but has its exact architecture, so timings carry over).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 from common import (
     DTYPES,
+    add_malloc_arg,
     describe_rates,
     fmt_table,
     free_memory,
@@ -38,6 +38,7 @@ from common import (
     machine,
     matmul_rates,
     peak_rss_gb,
+    set_malloc,
     timed,
     weights_from_args,
     write_results,
@@ -167,11 +168,9 @@ def main() -> None:
                         help="alternating timed rounds per implementation; the best is kept")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--malloc", choices=["keep", "system"], default="keep",
-                        help="glibc malloc for the whole run, both implementations: keep freed "
-                             "memory (qwenlite's setting, qwenlite.accel.memory) or as it is")
+    add_malloc_arg(parser)
     args = parser.parse_args()
-    os.environ["QWENLITE_MALLOC"] = args.malloc
+    malloc = set_malloc(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = weights_from_args(args.weights)
@@ -180,9 +179,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     fwd_ids = torch.randint(0, 151000, (args.forward_batch, args.forward_seq), generator=gen)
     from qwenlite.accel import skinny
-    from qwenlite.accel.memory import keep_freed_memory
 
-    malloc = "keep freed memory" if keep_freed_memory() else "system"
     print(f"checkpoint {weights}; {machine()}; malloc ({malloc}) shared by both implementations; "
           f"qwenlite's {skinny.status()}")
     print(f"generation: {len(prompts)} prompts of {min(map(len, prompts))}-"

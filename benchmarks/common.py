@@ -98,6 +98,22 @@ def free_memory() -> None:
     gc.collect()
 
 
+def add_malloc_arg(parser) -> None:
+    parser.add_argument("--malloc", choices=["keep", "system"], default="keep",
+                        help="glibc malloc for the whole run, both implementations: keep freed "
+                             "memory (qwenlite's setting, qwenlite.accel.memory) or as it is")
+
+
+def set_malloc(choice: str) -> str:
+    """Set glibc malloc for this process as ``--malloc`` says (qwenlite's commands keep freed
+    memory, ``cli.main_guard``; a library call does not), before anything large is allocated;
+    the setting in words."""
+    os.environ["QWENLITE_MALLOC"] = choice
+    from qwenlite.accel.memory import keep_freed_memory
+
+    return "keep freed memory" if keep_freed_memory() else "system"
+
+
 def machine() -> dict:
     return {
         "torch": torch.__version__,
