@@ -6,10 +6,11 @@ checked by running the *same* benchmark script at the commit before it and the c
 in alternating rounds in one session (A B, then B A, ...: neither commit always meets the cold
 caches), and comparing each timed quantity's best round. The commits are commits: uncommitted
 edits are not measured. Each commit runs from its own detached worktree (``git worktree add``,
-kept under ``--worktrees`` for the next call), with its own ``src`` first on ``PYTHONPATH`` and
-its own copy of the benchmark script; the script's ``--out`` JSON is read back and every timing in it (a key
-ending in ``_s`` but not a rate ``per_s``, or named ``seconds``) is tabled, with the ratio
-after/before.
+kept under ``--worktrees`` for the next call, with the project's ``shared/`` linked beside them
+as it lies beside this checkout, so the benchmarks find the same data), with its own ``src``
+first on ``PYTHONPATH`` and its own copy of the benchmark script; the script's ``--out`` JSON is
+read back and every timing in it (a key ending in ``_s`` but not a rate ``per_s``, or named
+``seconds``) is tabled, with the ratio after/before.
 
     QWENLITE_WEIGHTS=DIR python benchmarks/ab_commits.py 9bcb0c0 HEAD --rounds 2 \\
         -- bench_inference.py --dtypes fp32 --repeats 1
@@ -38,8 +39,11 @@ def worktree(commit: str, root: Path) -> tuple[str, Path]:
     sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{commit}^{{commit}}"],
                          capture_output=True, text=True, check=True).stdout.strip()
     path = root / sha[:12]
+    root.mkdir(parents=True, exist_ok=True)
+    shared, link = REPO.parent / "shared", root / "shared"
+    if shared.is_dir() and not link.exists():  # the benchmarks' data beside each worktree
+        link.symlink_to(shared)
     if not (path / "src" / "qwenlite").is_dir():
-        root.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--force",
                         str(path), sha], check=True, capture_output=True)
     return sha, path
