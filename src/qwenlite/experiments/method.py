@@ -1,7 +1,7 @@
 """The numbers of the report's method sections, which depend on the data, the tokenizer and the
 architecture but on no experiment: the LLMTIME worked examples, one forward's FLOPS by
 component, the trainable parameters per LoRA rank and the training windows per context
-(:func:`qwenlite.experiments.report` writes the experiments' own)."""
+(:mod:`qwenlite.experiments.report` writes the experiments' own)."""
 
 from __future__ import annotations
 
