@@ -251,8 +251,8 @@ def status() -> str:
     mode = settings.current().decode_kernel
     if mode == "off":
         return f"decode kernel off (${KERNEL_ENV}=0)"
-    if mode == "auto" and outpaced():
-        return f"decode kernel off: {outpaced()} (${KERNEL_ENV}=1 uses it)"
+    if mode == "auto" and (why := outpaced()):
+        return f"decode kernel off: {why} (${KERNEL_ENV}=1 uses it)"
     lib, why = _load()
     return "decode kernel on (AVX2 C++)" if lib is not None else f"decode kernel off: {why}"
 
