@@ -29,12 +29,38 @@ def test_garbage_output_is_counted_not_fatal(setup):
     model, tok = load_model(weights), Tokenizer(weights)
     traj = load_dataset(data).trajectories.astype(float)
     settings = fit_alpha(traj, LLMTimeSettings())
-    fc = llm_forecast(model, tok, settings, traj[:5, :10], 4, batch=5, progress=False)
+    fc = llm_forecast(model, tok, settings, traj[:5, :10], 4, batch=5, progress=False,
+                      constrained=False)
     assert fc.values.shape == (5, 4, 2) and np.isfinite(fc.values).all()
     # a random tiny model writes digits and separators in no valid order
     assert fc.n_missing.sum() + fc.n_invalid.sum() > 0
     assert all(set(t) <= set("0123456789.,;") for t in fc.texts)
     assert fc.flops > 0
+    assert not fc.n_masked.any()
+
+
+def test_the_grammar_makes_every_forecast_parse_and_counts_what_it_changed(setup):
+    from qwenlite.data.llmtime import decode, grammar
+
+    weights, data = setup
+    model, tok = load_model(weights), Tokenizer(weights)
+    traj = load_dataset(data).trajectories.astype(float)
+    settings = fit_alpha(traj, LLMTimeSettings())
+    free = llm_forecast(model, tok, settings, traj[:5, :10], 4, batch=5, progress=False,
+                        constrained=False)
+    fc = llm_forecast(model, tok, settings, traj[:5, :10], 4, batch=5, progress=False)
+    g = grammar(settings)
+    assert all(g.accepts(t) for t in fc.texts)
+    assert all(decode(t, settings).n_steps == 4 for t in fc.texts)
+    assert not fc.n_missing.any() and not fc.n_invalid.any()
+    # the systems whose free forecast left the grammar are exactly those the mask changed
+    left = np.array([not g.accepts(t) for t in free.texts])
+    assert left.any()
+    np.testing.assert_array_equal(fc.n_masked > 0, left)
+    assert (fc.n_masked <= 4).all()
+    for t_free, t_fc, masked in zip(free.texts, fc.texts, fc.n_masked):
+        if not masked:
+            assert t_free == t_fc
 
 
 def test_batched_forecasts_equal_one_by_one(setup):

@@ -107,6 +107,34 @@ def test_encode_rejects(settings, x, fragment):
         encode(x, settings)
 
 
+def test_the_grammar_accepts_every_encoding_and_nothing_decode_cannot_read():
+    from qwenlite.data.llmtime import grammar
+
+    g = grammar(FITTED)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        text = encode(rng.uniform(0, 100, (30, 2)) * FITTED.alpha, FITTED)
+        assert g.accepts(text)
+    # the probe's failures: one decimal too many, and a cut or misplaced field
+    for bad in ("0.11,0.008;", "0.16,0.0009;", "0.1,0.20;", "1.00;", "1.00,2.00,3.00;",
+                "1.00,2.00", "1234.00,1.00;", ".50,1.00;", "1.00;2.00;"):
+        assert not g.accepts(bad), bad
+    assert g.accepts("999.99,0.00;")
+    assert (g.table.max(1) >= 0).all()  # no dead end: every state allows a character
+    # a random walk through the grammar always decodes in full
+    for seed in range(30):
+        walk, state, r = [], g.start, np.random.default_rng(seed)
+        while len(walk) < 60 or state != g.start:
+            col = r.choice(np.flatnonzero(g.table[state] >= 0))
+            walk.append(g.chars[col])
+            state = g.table[state, col]
+        text = "".join(walk)
+        assert decode(text, FITTED).n_invalid == 0 and decode(text, FITTED).n_steps == text.count(";")
+    signed = grammar(dataclasses.replace(FITTED, signed=True, decimals=0), n_vars=3)
+    assert signed.accepts("-1,20,-300;0,0,0;") and not signed.accepts("1.0,2,3;")
+    assert not signed.accepts("1,2;") and not signed.accepts("--1,2,3;")
+
+
 def test_allowed_characters_cover_every_encoding():
     assert set(allowed_characters(FITTED)) == set("0123456789.,;")
     assert "-" in allowed_characters(dataclasses.replace(FITTED, signed=True))

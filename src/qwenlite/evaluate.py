@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -51,6 +52,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--systems", type=positive_int, default=None,
                         help="evaluate the first N systems of the split (default all)")
     parser.add_argument("--batch", type=positive_int, default=32, help="systems per batch")
+    parser.add_argument("--grammar", action=argparse.BooleanOptionalAction, default=True,
+                        help="generate under the LLMTIME grammar, so every forecast parses "
+                             "(--no-grammar: only digits and separators)")
     parser.add_argument("--seed", type=nonnegative_int, default=0,
                         help="split seed and sampler seed")
     parser.add_argument("--out", type=creatable_dir, default=None,
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     fc = llm_forecast(model, tok, settings, contexts, h, batch=args.batch, samples=args.samples,
                       temperature=temperature, top_p=args.top_p, seed=args.seed,
-                      progress=not args.no_progress,
+                      progress=not args.no_progress, constrained=args.grammar,
                       on_batch=lambda f, t: ledger.record(key, f, tokens=t))
     preds = {"qwen": fc.values}
     t0 = time.perf_counter()
@@ -170,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         "systems_with_missing_steps": int((fc.n_missing > 0).sum()),
         "missing_step_rate": float(fc.n_missing.sum() / (len(systems) * h * args.samples)),
         "invalid_fields": int(fc.n_invalid.sum()),
+        "grammar": args.grammar,
+        "systems_with_masked_steps": int((fc.n_masked > 0).sum()),
+        "masked_step_rate": float(fc.n_masked.sum() / (len(systems) * h * args.samples)),
     }
     if args.samples > 1:
         crps = crps_from_samples(fc.samples, truth)
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
     np.savez_compressed(out_dir / "predictions.npz", systems=systems, context=contexts,
                         truth=truth, samples=fc.samples, n_missing=fc.n_missing,
-                        n_invalid=fc.n_invalid, texts=np.asarray(fc.texts),
+                        n_invalid=fc.n_invalid, n_masked=fc.n_masked, texts=np.asarray(fc.texts),
                         **{f"pred_{n}": p for n, p in preds.items()})
     plot(out_dir, dataset.time, contexts, truth, preds,
          {n: r["by_horizon"]["mae"] for n, r in results.items()})
@@ -202,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(systems)} {args.split} systems, {k} -> {h} steps, weights {weights}"
           + (f", adapter {args.adapter}" if args.adapter else ""))
     print("\n".join(rows))
-    print(f"missing-step rate {results['qwen']['parse']['missing_step_rate']:.3%}; generation "
+    print(f"missing-step rate {results['qwen']['parse']['missing_step_rate']:.3%}, steps the "
+          f"grammar changed {results['qwen']['parse']['masked_step_rate']:.3%}; generation "
           f"{fc.seconds:.1f} s, {fmt_flops(fc.flops)} FLOPS (ledger {ledger.path}); "
           f"outputs in {out_dir}")
     return 0

@@ -238,3 +238,76 @@ def allowed_characters(settings: LLMTimeSettings) -> str:
     separators, and ``-`` only for signed settings. Used to restrict a forecast's tokens."""
     return (DIGITS + ("." if settings.decimals else "") + settings.var_sep + settings.time_sep
             + ("-" if settings.signed else ""))
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A finite-state machine that accepts exactly the LLMTIME texts :func:`decode` reads in full.
+
+    Attributes:
+        chars: the alphabet, in column order (:func:`allowed_characters`).
+        table: (states, len(chars)) int64: the next state, or -1 where the character would leave
+            the grammar.
+        start: the state at the start of a timestep (where a prompt ends).
+    """
+
+    chars: str
+    table: np.ndarray
+    start: int = 0
+
+    def accepts(self, text: str) -> bool:
+        """Whether ``text`` is a sequence of whole timesteps in the grammar."""
+        state = self.start
+        for ch in text:
+            col = self.chars.find(ch)
+            state = int(self.table[state, col]) if col >= 0 else -1
+            if state < 0:
+                return False
+        return state == self.start
+
+
+def grammar(settings: LLMTimeSettings, n_vars: int = 2, int_digits: int = 3) -> Grammar:
+    """The LLMTIME grammar of these settings: per value an optional ``-`` (signed settings only),
+    1 to ``int_digits`` integer digits, then ``.`` and exactly ``decimals`` digits (no ``.`` for 0
+    decimals), then ``var_sep`` after each value but the last and ``time_sep`` after the last.
+
+    Every path through it is a forecast :func:`decode` parses in full, and a timestep is at most
+    ``n_vars * (int_digits + decimals + 2)`` characters (plus a sign), so a forecaster's token
+    budget (:func:`qwenlite.evaluation.forecasting.max_tokens_for`) always fits its horizon.
+    """
+    if n_vars < 1 or int_digits < 1:
+        raise QwenliteError(f"a grammar needs n_vars >= 1 and int_digits >= 1, got {n_vars}, "
+                            f"{int_digits}")
+    chars = allowed_characters(settings)
+    names: dict[tuple, int] = {}
+
+    def state(*name) -> int:
+        return names.setdefault(name, len(names))
+
+    edges: list[tuple[int, str, int]] = []
+    for v in range(n_vars):
+        start = state("start", v)
+        end = settings.var_sep if v < n_vars - 1 else settings.time_sep
+        after = state("start", (v + 1) % n_vars)
+        if settings.signed:
+            edges.append((start, "-", state("sign", v)))
+            edges += [(state("sign", v), d, state("int", v, 1)) for d in DIGITS]
+        edges += [(start, d, state("int", v, 1)) for d in DIGITS]
+        for k in range(1, int_digits + 1):
+            here = state("int", v, k)
+            if k < int_digits:
+                edges += [(here, d, state("int", v, k + 1)) for d in DIGITS]
+            if settings.decimals:
+                edges.append((here, ".", state("frac", v, 0)))
+            else:
+                edges.append((here, end, after))
+        for j in range(settings.decimals + 1 if settings.decimals else 0):
+            here = state("frac", v, j)
+            if j < settings.decimals:
+                edges += [(here, d, state("frac", v, j + 1)) for d in DIGITS]
+            else:
+                edges.append((here, end, after))
+    table = np.full((len(names), len(chars)), -1, dtype=np.int64)
+    for src, ch, dst in edges:
+        table[src, chars.index(ch)] = dst
+    return Grammar(chars, table, names[("start", 0)])

@@ -2,9 +2,12 @@
 
 For each system of a split, the first ``--context-steps`` timesteps are LLMTIME-encoded as the
 prompt; the KV-cached batched generator continues it with only the tokens a forecast can contain
-(digits, ``.``, ``,``, ``;``) and stops each system after ``--horizon`` timesteps. Forecasts are
-decoded tolerantly (unparseable or missing steps are counted, then filled so they are penalised,
-not dropped) and scored against the truth in original and in scaled units, next to baselines
+(digits, ``.``, ``,``, ``;``) and stops each system after ``--horizon`` timesteps. By default it
+generates under the LLMTIME grammar (:func:`qwenlite.data.llmtime.grammar`: exactly the run's
+decimals, then ``,`` or ``;``), so every forecast parses by construction; the steps where the
+unconstrained choice would have left the grammar are counted. Forecasts are decoded tolerantly
+(unparseable or missing steps, possible only without the grammar, are counted, then filled so
+they are penalised, not dropped) and scored against the truth in original and in scaled units, next to baselines
 scored on the same systems and horizon: persistence, linear extrapolation and a Lotka–Volterra ODE
 fitted to the context. Model selection uses ``--split val``; the test split is only reachable by
 asking for it.
@@ -42,6 +45,8 @@ class Forecasts:
         samples: (n_samples, S, horizon, V) every sample, filled the same way.
         n_missing: (S,) horizon steps that had to be filled (summed over samples).
         n_invalid: (S,) fields that could not be parsed (summed over samples).
+        n_masked: (S,) horizon steps in which the grammar changed at least one token's choice
+            (summed over samples; zeros without the grammar).
         texts: the generated text of the first sample per system.
         flops: FLOPS of all generation (prefill + decode), batch and samples included.
         tokens: prompt tokens (padding included) plus generated tokens, over all batches.
@@ -55,6 +60,17 @@ class Forecasts:
     flops: int
     seconds: float
     tokens: int = 0
+    n_masked: np.ndarray | None = None
+
+
+def token_grammar(tok, settings, n_vars: int):
+    """The LLMTIME grammar (:func:`qwenlite.data.llmtime.grammar`) over the tokenizer's ids."""
+    from qwenlite.data.llmtime import grammar
+    from qwenlite.evaluation.generation import TokenGrammar
+
+    g = grammar(settings, n_vars)
+    ids, _ = forecast_token_ids(tok, settings)
+    return TokenGrammar(ids, torch.as_tensor(g.table), g.start)
 
 
 def forecast_token_ids(tok, settings) -> tuple[list[int], int]:
@@ -79,7 +95,7 @@ def max_tokens_for(settings, horizon: int, n_vars: int, int_digits: int = 3) -> 
 
 def llm_forecast(model, tok, settings, contexts: np.ndarray, horizon: int, *, batch: int = 32,
                  samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 progress: bool = True, on_batch=None) -> Forecasts:
+                 progress: bool = True, on_batch=None, constrained: bool = True) -> Forecasts:
     """Forecast ``horizon`` steps after each context with the language model.
 
     Args:
@@ -88,6 +104,8 @@ def llm_forecast(model, tok, settings, contexts: np.ndarray, horizon: int, *, ba
         on_batch: called as ``on_batch(flops, tokens)`` with the totals so far after every
             batch (the evaluator records them in the ledger, so an interrupted evaluation is
             still charged for what it spent).
+        constrained: generate under the LLMTIME grammar (every forecast parses); else only the
+            tokens are restricted.
     """
     from tqdm import tqdm
 
@@ -102,6 +120,8 @@ def llm_forecast(model, tok, settings, contexts: np.ndarray, horizon: int, *, ba
     out = np.zeros((samples, s_count, horizon, n_vars))
     n_missing = np.zeros(s_count, dtype=int)
     n_invalid = np.zeros(s_count, dtype=int)
+    n_masked = np.zeros(s_count, dtype=int)
+    constraint = token_grammar(tok, settings, n_vars) if constrained else None
     texts = [""] * s_count
     flops = tokens = 0
 
@@ -116,12 +136,17 @@ def llm_forecast(model, tok, settings, contexts: np.ndarray, horizon: int, *, ba
             gen = generate(model, [prompts[i] for i in chunk], budget, temperature=temperature,
                            top_p=top_p, seed=seed + 1000 * k + start, eos_token_id=[],
                            pad_token_id=tok.pad_token_id or 0, allowed_tokens=allowed,
-                           stop_fn=stop)
+                           stop_fn=stop, grammar=constraint)
             flops += gen.flops.total()
             tokens += len(chunk) * gen.prompt_len + sum(len(t) for t in gen.tokens)
             if on_batch is not None:
                 on_batch(flops, tokens)
-            for i, new_ids in zip(chunk, gen.tokens):
+            for j, (i, new_ids) in enumerate(zip(chunk, gen.tokens)):
+                if constraint is not None:  # the forecast step of each overridden token
+                    seps = np.cumsum(np.asarray(new_ids) == sep_id) - (
+                        np.asarray(new_ids) == sep_id)
+                    n_masked[i] += len({int(seps[t]) for t in gen.overridden[j]
+                                        if seps[t] < horizon})
                 text = tok.decode(new_ids)
                 result = decode(text, settings, n_vars=n_vars)
                 values, missing = pad_forecast(result.values[:horizon], horizon, contexts[i])
@@ -134,7 +159,7 @@ def llm_forecast(model, tok, settings, contexts: np.ndarray, horizon: int, *, ba
     bar.close()
     point = np.median(out, axis=0) if samples > 1 else out[0]
     return Forecasts(point, out, n_missing, n_invalid, texts, flops, time.perf_counter() - t0,
-                     tokens)
+                     tokens, n_masked)
 
 
 def score(pred: np.ndarray, truth: np.ndarray, context: np.ndarray, alpha: float) -> dict:

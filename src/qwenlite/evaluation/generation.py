@@ -1,8 +1,9 @@
 """Batched, KV-cached generation: left padding, greedy or temperature/top-p sampling, stopping
 on EOS, a token budget or a caller's condition, and an optional restriction of the next token.
 
-The forecaster restricts tokens to digits and separators and stops each sequence after a number of
-timesteps; both are plain hooks here, so the generator knows nothing about time series.
+The forecaster restricts tokens to digits and separators, constrains them to a grammar (a
+finite-state machine over token ids, :class:`TokenGrammar`) and stops each sequence after a number
+of timesteps; all are plain hooks here, so the generator knows nothing about time series.
 """
 
 from __future__ import annotations
@@ -22,6 +23,22 @@ PER_SEQUENCE_PREFILL_TOKENS = 512
 """On a CPU, prompts at least this long are prefilled one by one (see :func:`generate`)."""
 
 
+@dataclass(frozen=True)
+class TokenGrammar:
+    """A finite-state machine over token ids that every generated sequence must follow.
+
+    Attributes:
+        token_ids: (k,) the ids the grammar is written in; no other token is ever chosen.
+        table: (states, k) the next state after each of those tokens, -1 where it is not allowed
+            (every state must allow at least one token).
+        start: the state the first generated token is read in.
+    """
+
+    token_ids: Sequence[int]
+    table: torch.Tensor
+    start: int = 0
+
+
 @dataclass
 class GenerationOutput:
     """What :func:`generate` returns.
@@ -33,6 +50,8 @@ class GenerationOutput:
         prompt_len: the padded prompt length (all prompts are left-padded to it).
         steps: decode steps run after the prefill.
         prefill_seconds, decode_seconds: wall time of each phase (synchronised on CUDA).
+        overridden: per prompt, the indices into ``tokens`` where a grammar changed the choice:
+            the most likely token (after the other restrictions) was outside it.
     """
 
     tokens: list[list[int]]
@@ -42,6 +61,7 @@ class GenerationOutput:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     flops: FlopCount = field(default_factory=FlopCount)
+    overridden: list[list[int]] = field(default_factory=list)
 
 
 def _sync(device: torch.device) -> None:
@@ -80,6 +100,7 @@ def generate(
     logits_hook: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     stop_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     per_sequence_prefill: bool | None = None,
+    grammar: TokenGrammar | None = None,
 ) -> GenerationOutput:
     """Generate continuations of a batch of token-id prompts of any lengths.
 
@@ -100,6 +121,8 @@ def generate(
         per_sequence_prefill: prefill prompts of different lengths one by one, each at its own
             length, instead of as one padded, masked batch (default: on a CPU when every prompt
             has at least ``PER_SEQUENCE_PREFILL_TOKENS`` tokens).
+        grammar: every sequence follows this finite-state machine from its ``start`` state (it
+            also restricts the tokens to its ids); the output says where it changed the choice.
     Returns:
         A :class:`GenerationOutput`.
     """
@@ -131,11 +154,26 @@ def generate(
     # is the largest matmul of a decode step, and choosing among the allowed logits is exactly
     # choosing from the full logits with the rest masked to -inf.
     sub_ids = None
+    if grammar is not None:
+        allowed_tokens = grammar.token_ids if allowed_tokens is None else allowed_tokens
     if allowed_tokens is not None:
         allowed = torch.as_tensor(allowed_tokens, device=device)
         if allowed.dtype == torch.bool:
             allowed = allowed.nonzero().flatten()
         sub_ids = torch.unique(torch.cat([allowed.long(), eos]))
+    table = None
+    if grammar is not None:  # the grammar's columns in sub_ids' order; other ids never allowed
+        ids = torch.as_tensor(list(grammar.token_ids), dtype=torch.long, device=device)
+        if not bool(torch.isin(ids, sub_ids).all()):
+            raise ValueError("the grammar's tokens must be among allowed_tokens")
+        table = torch.full((grammar.table.shape[0], len(sub_ids)), -1, dtype=torch.long,
+                           device=device)
+        table[:, torch.searchsorted(sub_ids, ids)] = torch.as_tensor(grammar.table,
+                                                                     device=device).long()
+        if bool((table.max(1).values < 0).any()):
+            raise ValueError("every state of the grammar must allow a token")
+        state = torch.full((b,), grammar.start, dtype=torch.long, device=device)
+        overridden = torch.zeros((b, max_new_tokens), dtype=torch.bool, device=device)
     head = model.lm_head.weight if sub_ids is None else model.lm_head.weight[sub_ids]
     bias = model.lm_head.bias
     head_bias = bias if bias is None or sub_ids is None else bias[sub_ids]
@@ -191,7 +229,14 @@ def generate(
             logits = logits_hook(logits, generated[:, :t])
             if sub_ids is not None:
                 logits = logits[:, sub_ids]
+        if table is not None:
+            legal = table[state] >= 0
+            free = logits.argmax(-1, keepdim=True)
+            overridden[:, t] = ~legal.gather(1, free).squeeze(1) & ~done
+            logits = logits.masked_fill(~legal, float("-inf"))
         nxt = sample_next(logits, temperature, top_p, generator)
+        if table is not None:
+            state = table[state, nxt]
         if sub_ids is not None:
             nxt = sub_ids[nxt]
         nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
@@ -216,10 +261,13 @@ def generate(
 
     rows = generated.tolist()
     tokens = [row[:n] for row, n in zip(rows, lengths_out)]
+    changed = [] if table is None else [
+        [t for t in row.nonzero().flatten().tolist() if t < n]
+        for row, n in zip(overridden, lengths_out)]
     flops = run_flops(model, p_len, steps, b,
                              head_rows=None if sub_ids is None else len(sub_ids), padded=padded,
                              prefill_lens=[len(p) for p in prompts] if per_sequence else None)
-    return GenerationOutput(tokens, reasons, p_len, steps, t1 - t0, t2 - t1, flops)
+    return GenerationOutput(tokens, reasons, p_len, steps, t1 - t0, t2 - t1, flops, changed)
 
 
 def run_flops(model: QwenForCausalLM, prompt_len: int, decode_steps: int,
