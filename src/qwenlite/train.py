@@ -30,9 +30,6 @@ from qwenlite.cli import (
 from qwenlite.errors import CheckpointError, QwenliteError
 from qwenlite.io import check_dir_creatable, read_json_object
 from qwenlite.training.ledger import Ledger
-
-STATE = "state.pt"
-PREV_STATE = "state.prev.pt"
 from qwenlite.training.trainer import TrainConfig, Trainer
 
 

@@ -27,13 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qwenlite.errors import CheckpointError, QwenliteError
-from qwenlite.io import atomic_path, atomic_write_text
+from qwenlite.errors import QwenliteError
+from qwenlite.io import atomic_write_text
+from qwenlite.training.checkpoint import Origin, load_checkpoint, save_checkpoint
 from qwenlite.training.ledger import Ledger, fmt_flops
 from qwenlite.training.loss import linear_cross_entropy
-
-STATE = "state.pt"
-PREV_STATE = "state.prev.pt"
 
 
 @dataclass
@@ -71,12 +69,6 @@ class TrainConfig:
         raw = dict(raw)
         raw["targets"] = tuple(raw.get("targets", ()))
         return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` atomically, the old state kept as :data:`PREV_STATE`."""
-    with atomic_path(path, previous=path.with_name(PREV_STATE)) as tmp:
-        torch.save(obj, tmp)
 
 
 def window_stride(context: int, stride: int | None = None) -> int:
@@ -152,6 +144,7 @@ class Trainer:
         split_file = run_dir / "split.json"
         settings_file = run_dir / "llmtime.json"
         self.resumed = split_file.exists() and settings_file.exists()
+        self.origin = Origin.load(run_dir)
         if self.resumed:  # reuse, never refit
             from qwenlite.data import Split
 
@@ -206,46 +199,26 @@ class Trainer:
         return n_validations(upto, self.cfg.max_steps, self.cfg.eval_interval)
 
     def flops_at(self, step: int, evals: int) -> int:
-        return step * self.step_flops + evals * self.eval_flops
+        """FLOPS of the run's whole line by step ``step`` with ``evals`` validations: its
+        origin's (a continued run's parent), then this directory's own steps and validations."""
+        o = self.origin
+        return o.flops + (step - o.step) * self.step_flops + (evals - o.evals) * self.eval_flops
 
     # ----- checkpoints ----------------------------------------------------------------------
     def load_state(self) -> tuple[int, int]:
         """Restore the newest readable checkpoint; returns (step, evals done)."""
-        for name in (STATE, PREV_STATE):
-            path = self.run_dir / name
-            if not path.exists():
-                continue
-            try:
-                state = torch.load(path, map_location=self.device, weights_only=False)
-                lora = {k: v for k, v in state["lora"].items()}
-                missing = self.model.load_state_dict(lora, strict=False).unexpected_keys
-                if missing:
-                    raise KeyError(missing[0])
-                self.optimizer.load_state_dict(state["optimizer"])
-                torch.set_rng_state(state["rng"])
-            except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint
-                print(f"warning: checkpoint {path} is unreadable ({type(exc).__name__}); "
-                      "trying the previous one", file=sys.stderr)
-                continue
-            return int(state["step"]), int(state["evals"])
-        if (self.run_dir / STATE).exists() or (self.run_dir / PREV_STATE).exists():
-            raise CheckpointError(
-                f"no readable checkpoint in {self.run_dir} ({STATE} and {PREV_STATE} are "
-                "corrupt); move them aside to restart, the rest of the run directory is kept")
-        return 0, 0
+        return load_checkpoint(self.run_dir, self.model, self.optimizer, self.device)
 
     def save_state(self, step: int, evals: int) -> None:
+        """Checkpoint and adapter; the ledger charges what this run directory trained (a
+        continued run: only the steps after its origin)."""
         from qwenlite.training.lora import save_adapter
 
-        trained = {name for name, p in self.model.named_parameters() if p.requires_grad}
-        lora = {k: v.detach().clone() for k, v in self.model.state_dict().items()
-                if k in trained}
-        _atomic_torch_save({"step": step, "evals": evals, "lora": lora,
-                            "optimizer": self.optimizer.state_dict(),
-                            "rng": torch.get_rng_state()}, self.run_dir / STATE)
+        save_checkpoint(self.run_dir, self.model, self.optimizer, step, evals)
         save_adapter(self.model, self.run_dir / "adapter", self.cfg.weights)
-        self.ledger.record(self.ledger_key, self.flops_at(step, evals), step,
-                           step * self.tokens_per_step,
+        o = self.origin
+        self.ledger.record(self.ledger_key, self.flops_at(step, evals) - o.flops, step - o.step,
+                           (step - o.step) * self.tokens_per_step,
                            status="done" if step >= self.cfg.max_steps else "running")
 
     def _truncate_metrics(self, step: int) -> None:
@@ -291,7 +264,8 @@ class Trainer:
         self.prepare()
         start, evals = self.load_state()
         planned_evals = self.n_evals(cfg.max_steps) - evals
-        planned = self.flops_at(cfg.max_steps - start, max(planned_evals, 0))
+        planned = ((cfg.max_steps - start) * self.step_flops
+                   + max(planned_evals, 0) * self.eval_flops)
         self.ledger.plan(self.ledger_key, cfg.experiment or self.run_dir.name, "train",
                          max(planned, 0), flops_per_step=self.step_flops,
                          run_dir=str(self.run_dir), rank=cfg.rank, lr=cfg.lr,
