@@ -102,3 +102,15 @@ def test_optimizer_state_follows_the_parameters_by_name():
     assert out["param_groups"] == [{"lr": 0.1, "params": [0, 1, 2]}]
     with pytest.raises(KeyError):
         _optimizer_state(saved, ["a", "gone"], ["a"])
+
+
+def test_a_kill_between_the_last_checkpoint_and_its_ledger_record_is_mended(setup, tmp_path):
+    ledger = tmp_path / "ledger.json"
+    run = tmp_path / "run"
+    assert main(_args(setup, run, ledger, "--max-steps", "4")) == 0
+    done = _entry(ledger, run)
+    book = Ledger(ledger)
+    book.record(str(run.resolve()), done["flops"] // 2, 2, status="running")  # as if killed
+    assert main(_args(setup, run, ledger, "--max-steps", "4")) == 0  # already trained
+    again = _entry(ledger, run)
+    assert (again["status"], again["steps"], again["flops"]) == ("done", 4, done["flops"])

@@ -24,6 +24,7 @@ from qwenlite.cli import (
     add_device_args,
     add_weights_arg,
     creatable_dir,
+    device_name,
     main_guard,
     nonnegative_int,
     one_line_text,
@@ -34,6 +35,9 @@ from qwenlite.cli import (
 from qwenlite.errors import QwenliteError
 
 DEFAULT_OUT = Path("report") / "results"
+#: where each named scale's sweep lives by default (the pilot's in report/results itself)
+SCALE_OUT = {"halving": DEFAULT_OUT / "halving"}
+DEFAULT_SCALE = "halving"
 
 
 def build_parser() -> ArgumentParser:
@@ -42,13 +46,16 @@ def build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("plan", "print the plan and its FLOPS"),
                        ("run", "run the experiments not done yet"),
-                       ("status", "what is done, the scores and the choices")):
+                       ("status", "what is done, the scores and the choices"),
+                       ("calibrate", "time training steps in each dtype on this machine")):
         p = sub.add_parser(name, help=text, description=text)
         p.error = parser.error  # one-line errors from the subcommands too
-        p.add_argument("--scale", default="cpu", type=one_line_text,
-                       help="full (GPU), cpu (shrunk), or a JSON plan file (default cpu)")
-        p.add_argument("--out", type=creatable_dir, default=DEFAULT_OUT,
-                       help=f"sweep directory (default {DEFAULT_OUT})")
+        p.add_argument("--scale", default=DEFAULT_SCALE, type=one_line_text,
+                       help="halving (successive halving for this machine), full (GPU), cpu "
+                            f"(the 60-step pilot), or a JSON plan file (default {DEFAULT_SCALE})")
+        p.add_argument("--out", type=creatable_dir, default=None,
+                       help=f"sweep directory (default {SCALE_OUT['halving']} for halving, "
+                            f"{DEFAULT_OUT} otherwise)")
         add_weights_arg(p)
         add_data_arg(p)
         p.add_argument("--budget", type=positive_float, default=1e17)
@@ -62,8 +69,13 @@ def build_parser() -> ArgumentParser:
                            help="write a job-array script into --out")
             p.add_argument("--partition", type=one_line_text, default=None,
                            help="Slurm partition for --emit slurm")
+        if name == "calibrate":
+            p.add_argument("--device", default="auto", type=device_name,
+                           help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+            p.add_argument("--steps", type=positive_int, default=3,
+                           help="timed steps per dtype (one more runs first, untimed)")
         if name == "run":
-            add_device_args(p)
+            add_device_args(p, dtype_default=None)
             p.add_argument("--jobs", type=positive_int, default=1,
                            help="experiments at once within a stage (one per GPU)")
             p.add_argument("--only", type=one_line_text, action="append", default=None,
@@ -77,12 +89,61 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def _out(args) -> Path:
+    return Path(args.out) if args.out else SCALE_OUT.get(args.scale, DEFAULT_OUT)
+
+
+def _dtype(scale, out: Path) -> tuple[str, str, str]:
+    """The sweep's dtype, a note on where it comes from (a halving sweep's decision), and the
+    dtype whose rates estimate its hours (the likely one while the decision is pending)."""
+    from qwenlite.accel.emulation import has_bf16_units
+    from qwenlite.experiments.halving import DTYPE_FILE
+    from qwenlite.io import read_json_object
+
+    if (out / DTYPE_FILE).is_file():
+        d = read_json_object(out / DTYPE_FILE, "sweep dtype")
+        diff = d.get("bf16_minus_fp32_mae")
+        note = d["rule"] if not diff else (
+            f"decided by the calibration: zero-shot bf16 - fp32 validation MAE "
+            f"{diff['mean']:+.4f} [{diff['ci'][0]:+.4f}, {diff['ci'][1]:+.4f}] on {diff['n']} "
+            f"systems, bf16 units: {'yes' if d['bf16_units'] else 'no'}")
+        return d["dtype"], note, d["dtype"]
+    if scale.dtype != "auto":
+        return scale.dtype, "set by the scale", scale.dtype
+    likely = "bf16" if has_bf16_units("cpu") else "fp32"
+    return "auto", (f"pending the calibration stage's paired zero-shot comparison; hours "
+                    f"estimated in {likely}, the hardware's choice here"), likely
+
+
+def _spent(scale, out: Path) -> int:
+    from qwenlite.training.ledger import Ledger
+
+    total = 0
+    for rel in scale.shares_budget_with:
+        path = out / rel
+        if not path.is_file():
+            raise QwenliteError(f"the plan shares its budget with {path}, which is missing")
+        total += sum(int(e["flops"]) for e in Ledger(path).load()["entries"].values())
+    return total
+
+
 def _plan(args, weights_needed: bool):
     from qwenlite.data import load_dataset, resolve_data
+    from qwenlite.experiments import calibration
     from qwenlite.experiments.plan import build_plan, load_scale
     from qwenlite.model.config import QwenConfig
 
-    scale = load_scale(args.scale, train_rate=args.train_rate, eval_rate=args.eval_rate)
+    scale = load_scale(args.scale)
+    out = _out(args)
+    dtype, note, rates_dtype = _dtype(scale, out) if scale.rungs else ("fp32", "", "")
+    if scale.rungs:
+        scale = calibration.apply(scale, out, rates_dtype)
+    overrides = {k: v for k, v in (("train_rate", args.train_rate),
+                                   ("eval_rate", args.eval_rate)) if v is not None}
+    if overrides:
+        import dataclasses
+
+        scale = dataclasses.replace(scale, **overrides, rate_source="given on the command line")
     if args.weights or weights_needed:
         weights = resolve_weights(args.weights)
         config = QwenConfig.from_json(weights / "config.json")
@@ -92,6 +153,7 @@ def _plan(args, weights_needed: bool):
     dataset = load_dataset(data)
     plan = build_plan(scale, config, dataset.trajectories.astype("float64"), args.budget,
                       str(data))
+    plan.spent, plan.dtype, plan.dtype_note = _spent(scale, out), dtype, note
     plan.check()
     return plan, weights, data
 
@@ -101,14 +163,15 @@ def _status(args) -> int:
     from qwenlite.training.ledger import Ledger
 
     plan, _, _ = _plan(args, weights_needed=False)
-    results = load_results(Path(args.out), plan)
-    ledger = Ledger(Path(args.out) / "ledger.json")
+    out = _out(args)
+    results = load_results(out, plan)
+    ledger = Ledger(out / "ledger.json")
     entries = ledger.load()["entries"]  # empty, and nothing created, if there is none yet
-    print(f"sweep {args.out}: {plan.scale.name} plan"
+    print(f"sweep {out}: {plan.scale.name} plan"
           + (" (SHRUNK for a CPU)" if plan.scale.shrunk else ""))
     for e in plan.experiments:
         r = results.get(e.name)
-        prefix = ledger.key(str((Path(args.out) / e.name).resolve()))
+        prefix = ledger.key(str((out / e.name).resolve()))
         mine = [v for k, v in entries.items() if k == prefix or k.startswith(prefix + "/")]
         flops = sum(int(v["flops"]) for v in mine)
         state = "done" if r else ("started" if mine else "pending")
@@ -118,11 +181,45 @@ def _status(args) -> int:
         minutes = sum(r["seconds"].values()) / 60 if r else 0
         print(f"  {e.name:<18} {e.stage:<9} {state:<8} {flops:.3e} FLOPS"
               + (f"  {minutes:6.1f} min  {score}" if r else ""))
-    for stage, c in make_choices(plan, results)["stages"].items():
-        print(f"  choice {stage}: {c['chosen']} -> {c['sets']}")
+    choices = make_choices(plan, results)
+    for stage, c in choices["stages"].items():
+        print(f"  choice {stage}: {c['chosen']}" + (f" -> {c['sets']}" if "sets" in c else ""))
+    for stage, names in choices.get("ranking", {}).items():
+        print(f"  ranking {stage}: {', '.join(names)}")
     used = sum(int(v["flops"]) for v in entries.values())
     print(f"  ledger total {used:.3e} FLOPS ({100 * used / plan.budget:.3f}% of "
-          f"{plan.budget:.0e})")
+          f"{plan.budget:.0e})" + (f"; with {plan.spent:.3e} spent before, "
+                                   f"{100 * (used + plan.spent) / plan.budget:.3f}%"
+                                   if plan.spent else ""))
+    if plan.scale.rungs:
+        from qwenlite.experiments.calibration import hours_left
+
+        partial = {}
+        for e in plan.experiments:
+            key = ledger.key(str((out / e.name / "train").resolve()))
+            if key in entries:
+                partial[e.name] = int(entries[key]["flops"])
+        print(f"  remaining: {len(plan.experiments) - len(results)} of "
+              f"{len(plan.experiments)} experiments, about "
+              f"{hours_left(plan, set(results), partial):.1f} h (an estimate: "
+              f"{plan.scale.rate_source}); dtype {plan.dtype}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from qwenlite.data import resolve_data
+    from qwenlite.experiments.calibration import calibrate
+
+    out = _out(args)
+    weights = resolve_weights(args.weights)
+    entry = calibrate(out, str(weights), str(resolve_data(args.data)), steps=args.steps,
+                      device=args.device)
+    for dtype, t in entry["train"].items():
+        print(f"{dtype}: {t['rank']}-rank LoRA step at {t['batch']}x{t['context']}: "
+              f"{', '.join(f'{x:.2f}' for x in t['step_seconds'])} s -> "
+              f"{t['train_rate']:.3e} FLOPS/s by the 3x rule")
+    print(f"on {entry['machine']['cpu']} ({', '.join(entry['machine']['flags'])}); "
+          f"kept in {out / 'calibration.json'}")
     return 0
 
 
@@ -131,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "status":
         return _status(args)
+    if args.command == "calibrate":
+        return _calibrate(args)
     if args.command == "plan":
         plan, _, _ = _plan(args, weights_needed=False)
         if args.emit == "slurm":
             from qwenlite.experiments.slurm import slurm_script
             from qwenlite.io import atomic_write_text
 
-            out = Path(args.out)
+            out = _out(args)
             run_args = ["--scale", args.scale, "--out", str(out)]
             for flag in ("weights", "data"):
                 if getattr(args, flag):
@@ -173,14 +272,22 @@ def _run(args) -> int:
         from qwenlite.experiments.tracking import check_tracker
 
         check_tracker(args.track)
-    out = Path(args.out)
+    out = _out(args)
     Ledger(out / "ledger.json", budget=args.budget).check()
     check_same_plan(plan, out / "plan.json")
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "plan.json").is_file():
         save_plan(plan, out / "plan.json", commit=code_version())
+    elif plan.scale.rungs:  # the same plan with today's dtype and rates; its first commit kept
+        from qwenlite.io import read_json_object
+
+        first = read_json_object(out / "plan.json", "sweep plan").get("commit", "")
+        save_plan(plan, out / "plan.json", commit=first)
     print(plan.table())
-    ctx = Context(out, plan, str(weights), str(data), args.device, args.dtype,
+    if plan.scale.rungs and args.dtype is not None:
+        raise QwenliteError("a halving sweep runs every experiment in its plan's dtype "
+                            f"({plan.scale.dtype}); leave out --dtype")
+    ctx = Context(out, plan, str(weights), str(data), args.device, args.dtype or "fp32",
                   progress=not args.no_progress, track=args.track)
     results = run_sweep(ctx, jobs=args.jobs, only=only)
     print(f"{len(results)} of {len(plan.experiments)} experiments done in {out}"

@@ -42,6 +42,18 @@ def cpu_lacks_bf16() -> bool:
     return "avx2" in flags and "avx512_bf16" not in flags and "amx_bf16" not in flags
 
 
+def has_bf16_units(device_type: str = "cpu") -> bool:
+    """Whether bf16 matmuls run on bf16 hardware: CUDA and MPS devices, and CPUs whose
+    ``/proc/cpuinfo`` lists AVX512-BF16 or AMX-BF16 (or ARM's bf16 extension)."""
+    if device_type in ("cuda", "mps"):
+        return True
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def bf16_matmul_mode() -> str:
     """``native`` or ``emulate``: how a bf16 matmul on the CPU is computed now
     (:attr:`Settings.bf16_matmul <qwenlite.accel.settings.Settings>`; ``auto`` emulates where

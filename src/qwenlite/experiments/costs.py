@@ -71,17 +71,21 @@ def cost(exp: Experiment, scale: Scale, config, val_lengths, test_lengths,
 
     e = exp.worst_case(scale)
     train = 0
-    if e.trains:
+    if e.trains and e.new_steps:
         model = counting_model(config, e.rank or None, logit_bias=bool(e.logit_bias))
         step = train_step_flops(model, e.context, e.batch).rule
         val = forward_flops(model, e.context, loss=True).total() * scale.eval_windows
-        train = e.steps * step + n_validations(e.steps, e.steps, scale.eval_interval) * val
+        # a continued run's validations are those after its parent's last one
+        evals = n_validations(e.steps, e.steps, scale.eval_interval) - (
+            n_validations(e.start, e.start, scale.eval_interval) if e.start else 0)
+        train = e.new_steps * step + evals * val
     _evals = {} if _evals is None else _evals
     bias = bool(e.logit_bias)
     if bias not in _evals:
         evaluator = counting_model(config, None, logit_bias=bias)  # LoRA is merged to evaluate
         _evals[bias] = (eval_flops(evaluator, val_lengths, scale),
                         eval_flops(evaluator, test_lengths, scale))
-    ev = _evals[bias][0] + (_evals[bias][1] if e.test else 0)
+    # an experiment that scores its parent's model takes the parent's validation score
+    ev = (0 if e.reuses_parent else _evals[bias][0]) + (_evals[bias][1] if e.test else 0)
     hours = (train / scale.train_rate + ev / scale.eval_rate) / 3600
     return Costs(int(train), int(ev), hours)

@@ -62,10 +62,30 @@ class Scale:
     ranks: tuple[int, ...] = RANKS
     contexts: tuple[int, ...] = CONTEXTS
     default: tuple[float, int, int] = (DEFAULT["lr"], DEFAULT["rank"], DEFAULT["context"])
+    #: successive halving (:mod:`qwenlite.experiments.halving`): the rungs' cumulative steps
+    #: (empty: the flat protocol of the pilot), the 1/keep promoted, the branches' extra steps
+    #: and the final line's checkpoints (cumulative steps)
+    rungs: tuple[int, ...] = ()
+    keep: int = 3
+    branch_steps: int = 0
+    checkpoints: tuple[int, ...] = ()
+    #: the dtype every experiment runs in ("auto": the calibration's choice, else bf16 where the
+    #: device has bf16 units); generation under the LLMTIME grammar
+    dtype: str = "fp32"
+    grammar: bool = False
+    #: ledgers (relative to the sweep directory) that spent from the same budget before
+    shares_budget_with: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("lrs", "ranks", "contexts", "default"):
+        for name in ("lrs", "ranks", "contexts", "default", "rungs", "checkpoints",
+                     "shares_budget_with"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.dtype not in ("fp32", "bf16", "auto"):
+            raise QwenliteError(f"a scale's dtype is fp32, bf16 or auto, got {self.dtype!r}")
+        if self.rungs:
+            from qwenlite.experiments.halving import check
+
+            check(self)
         lr, rank, context = self.default
         if lr not in self.lrs or rank not in self.ranks or context not in self.contexts:
             raise QwenliteError(f"the default run (lr {lr:g}, rank {rank}, context {context}) "
@@ -92,6 +112,18 @@ SCALES = {
                  "affords in ~10 h; at 60 Adam steps the three learning rates move the adapter "
                  "by lr x steps = 6e-4, 3e-3 and 6e-3, so they differ (the 50-step lr 1e-4 run "
                  "moved validation loss from 1.17 to 0.92)"),
+    # Successive halving sized for this project's 2-core CPUs over many sessions
+    # (:mod:`qwenlite.experiments.halving`); rates until `sweep calibrate` measures them here.
+    "halving": Scale("halving", grid_steps=150, final_steps=4000, val_systems=150,
+                     test_systems=150, eval_interval=50, eval_windows=32, train_rate=4.4e11,
+                     eval_rate=2.0e11, rate_source="assumed (bf16 on a 2-core CPU with bf16 "
+                     "units)", shrunk=True, eval_batch=30, rungs=(150, 600), keep=3,
+                     branch_steps=400, checkpoints=(1600, 2200, 2800, 3400, 4000), dtype="auto",
+                     grammar=True, shares_budget_with=("../ledger.json", "../diagnosis/ledger.json"),
+                     why="the coursework's protocol by successive halving: 9 cells x 150 steps, "
+                     "the best 3 continued to 600, the best continued to 4,000 steps with "
+                     "branches at 1,000; every step is charged once, so the budget goes to the "
+                     "runs that earn it; batch 4 at context 512, as the coursework's default"),
 }
 
 
@@ -108,10 +140,27 @@ class Experiment:
     rank: int | None = None
     logit_bias: bool | None = False
     test: bool = False
+    #: the experiment whose checkpoint this one continues (``@stage:k``: the k-th best of a
+    #: stage, chosen at run time), and the steps it had reached
+    parent: str = ""
+    start: int = 0
+    dtype: str | None = None  # None: the sweep's
 
     @property
     def trains(self) -> bool:
-        return self.stage != "zeroshot"
+        """Whether it trains an adapter (or uses one: the ``test`` stage scores its parent's)."""
+        return self.stage not in ("zeroshot", "calibration")
+
+    @property
+    def reuses_parent(self) -> bool:
+        """It trains nothing and scores its parent's model (its validation score is the
+        parent's): the zero-shot model after the calibration, the final model's test."""
+        return bool(self.parent) and self.steps <= self.start
+
+    @property
+    def new_steps(self) -> int:
+        """Optimizer steps this experiment itself runs (after its parent's)."""
+        return max(self.steps - self.start, 0)
 
     def resolved(self, choices: dict) -> Experiment:
         """This experiment with its run-time settings filled in from ``choices`` (a dict with
@@ -126,7 +175,12 @@ class Experiment:
 
 
 def experiments(scale: Scale) -> list[Experiment]:
-    """The protocol's experiments in running order."""
+    """The protocol's experiments in running order (the halving protocol where the scale has
+    rungs: :func:`qwenlite.experiments.halving.experiments`)."""
+    if scale.rungs:
+        from qwenlite.experiments import halving
+
+        return halving.experiments(scale)
     d_lr, d_rank, d_context = scale.default
     out = [Experiment("zeroshot", "zeroshot", context=d_context, test=True)]
     for lr in scale.lrs:
@@ -156,6 +210,11 @@ class Plan:
     budget: float
     data: str = ""
     extra: dict = field(default_factory=dict)
+    #: FLOPS already spent from the same budget (the scale's ``shares_budget_with`` ledgers)
+    spent: int = 0
+    #: the dtype the experiments run in, and why (a halving sweep's calibration decides ``auto``)
+    dtype: str = "fp32"
+    dtype_note: str = ""
 
     def stages(self) -> dict[str, list[Experiment]]:
         """The experiments by stage, in running order; the default run is one of the grid's
@@ -175,9 +234,10 @@ class Plan:
 
     def check(self) -> None:
         """Raise :class:`BudgetError` (one line) if the plan does not fit its budget."""
-        if self.total_flops > self.budget:
-            raise BudgetError(f"the {self.scale.name} plan needs {self.total_flops:.3e} FLOPS, "
-                              f"over the {self.budget:.3e} budget; use fewer steps")
+        if self.total_flops + self.spent > self.budget:
+            spent = f" with {self.spent:.3e} spent before" if self.spent else ""
+            raise BudgetError(f"the {self.scale.name} plan needs {self.total_flops:.3e} FLOPS"
+                              f"{spent}, over the {self.budget:.3e} budget; use fewer steps")
 
     def to_dict(self) -> dict:
         rows = []
@@ -188,7 +248,8 @@ class Plan:
                          / self.budget, "hours": round(c.hours, 3)})
         return {"scale": self.scale.to_dict(), "shrunk": self.scale.shrunk,
                 "budget": self.budget, "data": self.data, "experiments": rows,
-                "total_flops": self.total_flops, "total_hours": round(self.total_hours, 2)}
+                "total_flops": self.total_flops, "total_hours": round(self.total_hours, 2),
+                "spent_before": self.spent, "dtype": self.dtype, "dtype_note": self.dtype_note}
 
     def table(self) -> str:
         s = self.scale
@@ -198,18 +259,21 @@ class Plan:
                 return "-"
             return "chosen" if x is None else f"{x:g}" if isinstance(x, float) else str(x)
 
-        head = ("experiment", "stage", "steps", "context", "batch", "lr", "rank", "bias",
-                "train FLOPS", "eval FLOPS", "share", "hours")
+        head = ("experiment", "stage", "steps", "continues", "context", "batch", "lr", "rank",
+                "bias", "train FLOPS", "eval FLOPS", "share", "hours")
         rows = []
         for e in self.experiments:
             c = self.costs[e.name]
-            rows.append((e.name, e.stage, str(e.steps), val(e.context), str(e.batch),
-                         val(e.lr, e.trains), val(e.rank, e.trains), val(e.logit_bias), f"{c.train_flops:.3e}",
-                         f"{c.eval_flops:.3e}",
+            parent = "-" if not e.parent else e.parent + (f" @{e.start}" if e.start else "")
+            rows.append((e.name, e.stage, str(e.steps), parent, val(e.context), str(e.batch),
+                         val(e.lr, e.trains), val(e.rank, e.trains), val(e.logit_bias),
+                         f"{c.train_flops:.3e}", f"{c.eval_flops:.3e}",
                          f"{100 * (c.train_flops + c.eval_flops) / self.budget:.2f}%",
                          f"{c.hours:.2f}"))
-        rows.append(("total", "", "", "", "", "", "", "", "", "",
+        rows.append(("total", "", "", "", "", "", "", "", "", "", "",
                      f"{100 * self.total_flops / self.budget:.2f}%", f"{self.total_hours:.2f}"))
+        if not s.rungs:  # the flat protocol continues nothing
+            head, rows = head[:3] + head[4:], [r[:3] + r[4:] for r in rows]
         widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
         lines = ["  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()
                  for r in (head, *rows)]
@@ -222,6 +286,19 @@ class Plan:
                  f"zeroshot and final), {s.context_steps} -> {s.horizon} steps, "
                  + ("greedy" if s.samples == 1 else
                     f"median of {s.samples} samples at T={s.temperature:g}")]
+        if s.rungs:
+            notes.insert(0, f"successive halving: rungs at {', '.join(map(str, s.rungs))} "
+                            f"steps, the best 1/{s.keep} of each continuing its checkpoint; "
+                            f"branches +{s.branch_steps} steps; the final line scored at "
+                            f"{', '.join(map(str, s.checkpoints))} steps (@stage:k = the k-th "
+                            "best of a stage by validation forecast MAE)")
+        notes.append(f"dtype: {self.dtype}" + (f" ({self.dtype_note})" if self.dtype_note
+                                                else "")
+                     + (", generation under the LLMTIME grammar" if s.grammar else ""))
+        if self.spent:
+            notes.append(f"spent before from the same budget: {self.spent:.3e} FLOPS "
+                         f"({', '.join(s.shares_budget_with)}); plan + spent = "
+                         f"{(self.total_flops + self.spent) / self.budget:.2%} of the budget")
         if s.shrunk:
             notes.append(f"SHRUNK plan for a CPU: {s.why}")
         return "\n".join(lines + [""] + notes)

@@ -189,7 +189,8 @@ def plan_numbers(n: Numbers, sweep: Sweep, full_plan) -> None:
     else:  # series too short for the full plan's 80 -> 20 forecasts
         for key in ("total", "share", "gridsteps", "finalsteps"):
             n[f"full.{key}"] = r"	extit{n/a}"
-    weights = {r.get("weights", "") for r in sweep.results.values()}
+    weights = {w["name"] if isinstance(w := r.get("weights", ""), dict) else w
+               for r in sweep.results.values()}
     n["weights"] = "stand-in" if any("standin" in w for w in weights) or not weights \
         else tex_escape(", ".join(sorted(weights)))
 

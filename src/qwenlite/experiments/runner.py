@@ -49,6 +49,26 @@ def code_version() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def checkpoint_id(weights: str | Path) -> dict:
+    """What identifies a checkpoint without a machine path: its directory's name and a hash of
+    its ``config.json`` and its safetensors headers (names, dtypes, shapes, offsets)."""
+    import hashlib
+    import struct
+
+    weights = Path(weights)
+    h = hashlib.sha256()
+    for path in [weights / "config.json", *sorted(weights.glob("*.safetensors"))]:
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            if path.suffix == ".safetensors":
+                size = struct.unpack("<Q", f.read(8))[0]
+                h.update(f.read(size))
+            else:
+                h.update(f.read())
+    return {"name": weights.name, "sha256": h.hexdigest()[:16]}
+
+
 def read_result(directory: Path, name: str) -> dict | None:
     path = directory / name / RESULT
     return read_json_object(path, "experiment result") if path.is_file() else None
@@ -86,8 +106,13 @@ def make_choices(plan: Plan, results: dict[str, dict]) -> dict:
     * ``control``: LoRA + bias against LoRA alone (the chosen cell) → ``logit_bias``;
     * ``final``: all of the above.
 
-    A stage whose candidates are not all done yet is left out.
+    A stage whose candidates are not all done yet is left out. A halving plan ranks its stages
+    instead (:func:`qwenlite.experiments.halving.make_choices`).
     """
+    if plan.scale.rungs:
+        from qwenlite.experiments import halving
+
+        return halving.make_choices(plan, results, _row)
     by_stage = plan.stages()
     choices: dict = {"metric": f"mean MAE over {plan.scale.val_systems} validation systems, "
                                f"{plan.scale.context_steps} -> {plan.scale.horizon} steps "
@@ -121,9 +146,25 @@ def make_choices(plan: Plan, results: dict[str, dict]) -> dict:
     return choices
 
 
-def resolve(exp: Experiment, choices: dict) -> Experiment:
-    """``exp`` with the choices filled in; a one-line error if a choice it needs is missing."""
-    done = exp.resolved(choices.get("settings", {}))
+def resolve(exp: Experiment, choices: dict, results: dict[str, dict] | None = None,
+            dtype: str | None = None) -> Experiment:
+    """``exp`` with the choices filled in; a one-line error if a choice it needs is missing.
+
+    An experiment that continues a parent gets the concrete parent (a run-time parent: the
+    ranked candidate it names, see :mod:`qwenlite.experiments.halving`) and inherits the
+    parent's settings it leaves open."""
+    if exp.parent:
+        from qwenlite.experiments import halving
+
+        parent = halving.parent_of(exp, choices, dtype)
+        if parent not in (results or {}):
+            raise QwenliteError(f"{exp.name} continues {parent}, which is not done yet; "
+                                "finish it first (sweep status)")
+        inherited = (results or {})[parent]["settings"]
+        exp = dataclasses.replace(exp, parent=parent)
+        done = exp.resolved({k: inherited[k] for k in ("lr", "rank", "context", "logit_bias")})
+    else:
+        done = exp.resolved(choices.get("settings", {}))
     needed = ("lr", "rank", "context", "logit_bias") if exp.trains else ("context", "logit_bias")
     missing = [k for k in needed if getattr(done, k) is None]
     if missing:
@@ -142,7 +183,7 @@ class Context:
     weights: str
     data: str
     device: str = "auto"
-    dtype: str = "fp32"
+    dtype: str | None = "fp32"  # None: a halving sweep's calibration has not decided it yet
     progress: bool = True
     track: str | None = None
 
@@ -172,31 +213,56 @@ def _eval_done(ledger: Path, out_dir: Path) -> bool:
     return bool(entry) and entry.get("status") == "done"
 
 
+def _train_args(ctx: Context, exp: Experiment, d: Path) -> list[str]:
+    s = ctx.plan.scale
+    return ["--out", str(d / "train"), "--lr", f"{exp.lr:g}", "--rank", str(exp.rank),
+            "--context", str(exp.context), "--batch", str(exp.batch),
+            "--max-steps", str(exp.steps), "--eval-interval", str(s.eval_interval),
+            "--eval-windows", str(s.eval_windows),
+            "--save-interval", str(max(1, min(10, exp.new_steps // 3))),
+            "--experiment", f"{exp.name} (train)", *(["--logit-bias"] if exp.logit_bias else [])]
+
+
+def _continue(ctx: Context, exp: Experiment, d: Path) -> None:
+    """Start ``exp``'s run from its parent's checkpoint, with the settings it changes."""
+    from qwenlite.training.checkpoint import BRANCHABLE, continue_run
+
+    parent = read_result(ctx.out, exp.parent)["settings"]
+    changes = {k: getattr(exp, k) for k in BRANCHABLE if getattr(exp, k) != parent[k]}
+    continue_run(ctx.out / exp.parent / "train", d / "train", changes)
+
+
 def run_experiment(ctx: Context, exp: Experiment, env: dict | None = None,
                    log: Path | None = None) -> dict:
-    """Train (resuming) and evaluate one resolved experiment; write and return its result."""
+    """Train (continuing its parent, resuming) and evaluate one resolved experiment; write and
+    return its result. One that reuses its parent (:attr:`Experiment.reuses_parent`) trains
+    nothing: it takes the parent's validation score and adapter and is scored on test."""
     s, d = ctx.plan.scale, ctx.out / exp.name
+    dtype = exp.dtype or ctx.dtype
+    if dtype is None:
+        raise QwenliteError(f"{exp.name}: the sweep's dtype is not decided yet (calibration)")
     common = ["--weights", ctx.weights, "--data", ctx.data, "--ledger", str(ctx.ledger),
-              "--device", ctx.device, "--dtype", ctx.dtype]
+              "--device", ctx.device, "--dtype", dtype]
     quiet = [] if ctx.progress and log is None else ["--no-progress"]
     d.mkdir(parents=True, exist_ok=True)
     seconds, val_loss = {}, None
-    if exp.trains:
+    parent = read_result(ctx.out, exp.parent) if exp.parent else None
+    adapter = d / "train"
+    if exp.reuses_parent:
+        val_loss = parent.get("val_loss")
+        adapter = ctx.out / exp.parent / "train"
+    elif exp.trains:
+        if exp.parent:
+            _continue(ctx, exp, d)
         t0 = time.time()
-        _python("train", [*common, "--out", str(d / "train"), "--lr", f"{exp.lr:g}",
-                          "--rank", str(exp.rank), "--context", str(exp.context),
-                          "--batch", str(exp.batch), "--max-steps", str(exp.steps),
-                          "--eval-interval", str(s.eval_interval),
-                          "--eval-windows", str(s.eval_windows),
-                          "--save-interval", str(max(1, min(10, exp.steps // 3))),
-                          "--experiment", f"{exp.name} (train)",
-                          *(["--logit-bias"] if exp.logit_bias else []), *quiet], env, log)
+        _python("train", [*common, *_train_args(ctx, exp, d), *quiet], env, log)
         seconds["train"] = round(time.time() - t0, 1)
         lines = (d / "train" / "metrics.jsonl").read_text().splitlines()
         vals = [json.loads(x)["val_loss"] for x in lines if '"val_loss"' in x]
         val_loss = vals[-1] if vals else None
     scores = {}
-    for split in ("val", "test") if exp.test else ("val",):
+    splits = ("test",) if exp.reuses_parent else ("val", "test") if exp.test else ("val",)
+    for split in splits:
         out = d / f"eval-{split}"
         n = s.val_systems if split == "val" else s.test_systems
         if not _eval_done(ctx.ledger, out):
@@ -207,13 +273,16 @@ def run_experiment(ctx: Context, exp: Experiment, env: dict | None = None,
                                  "--temperature", f"{s.temperature:g}",
                                  "--batch", str(s.eval_batch), "--out", str(out),
                                  "--experiment", f"{exp.name} ({split} {n} systems)",
-                                 *(["--adapter", str(d / "train")] if exp.trains else []),
+                                 "--grammar" if s.grammar else "--no-grammar",
+                                 *(["--adapter", str(adapter)] if exp.trains else []),
                                  *quiet], env, log)
             seconds[f"eval_{split}"] = round(time.time() - t0, 1)
         scores[split] = _score(out / "metrics.json")
+    if exp.reuses_parent:
+        scores["val"] = {"qwen": parent["val"], **parent["baselines_val"]}
     result = {"name": exp.name, "stage": exp.stage, "settings": dataclasses.asdict(exp),
-              "scale": s.name, "shrunk": s.shrunk, "commit": code_version(),
-              "weights": ctx.weights, "val_loss": val_loss, "seconds": seconds,
+              "scale": s.name, "shrunk": s.shrunk, "commit": code_version(), "dtype": dtype,
+              "weights": checkpoint_id(ctx.weights), "val_loss": val_loss, "seconds": seconds,
               "val": scores["val"]["qwen"], "baselines_val": {
                   k: v for k, v in scores["val"].items() if k != "qwen"}}
     if "test" in scores:
@@ -239,20 +308,37 @@ def write_choices(ctx: Context, results: dict[str, dict]) -> dict:
     return choices
 
 
+def _decide_dtype(ctx: Context, results: dict[str, dict]) -> None:
+    if ctx.plan.scale.rungs:
+        from qwenlite.experiments import halving
+        from qwenlite.cli import resolve_device
+
+        decision = halving.decide_dtype(ctx.out, ctx.plan, results,
+                                        resolve_device(ctx.device).type)
+        ctx.dtype = decision["dtype"] if decision else None
+
+
 def run_sweep(ctx: Context, *, jobs: int = 1, only: list[str] | None = None) -> dict[str, dict]:
     """Run every experiment not done yet, stage by stage (``jobs`` at once within a stage,
-    each on its own device slot: ``CUDA_VISIBLE_DEVICES``), choosing as each stage completes."""
+    each on its own device slot: ``CUDA_VISIBLE_DEVICES``), choosing as each stage completes.
+    A stage whose experiments continue each other (the final line) runs one at a time."""
     results = load_results(ctx.out, ctx.plan)
+    _decide_dtype(ctx, results)
     for group in ctx.plan.stages().values():
         todo = [e for e in group if e.name not in results and (not only or e.name in only)]
         if not todo:
             continue
-        choices = write_choices(ctx, results)
-        todo = [resolve(e, choices) for e in todo]
-        if jobs == 1:
+        names = {e.name for e in group}
+        chained = any(e.parent in names for e in group)
+        if jobs == 1 or chained:
             for e in todo:
-                results[e.name] = run_experiment(ctx, e)
+                choices = write_choices(ctx, results)
+                results[e.name] = run_experiment(ctx, resolve(e, choices, results, ctx.dtype))
+                _decide_dtype(ctx, results)
         else:
+            choices = write_choices(ctx, results)
+            todo = [resolve(e, choices, results, ctx.dtype) for e in todo]
+
             def work(item):
                 i, e = item
                 env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i % jobs))
@@ -261,6 +347,6 @@ def run_sweep(ctx: Context, *, jobs: int = 1, only: list[str] | None = None) -> 
             with ThreadPoolExecutor(max_workers=jobs) as pool:
                 for e, r in zip(todo, pool.map(work, enumerate(todo))):
                     results[e.name] = r
+            _decide_dtype(ctx, results)
         write_choices(ctx, results)
     return results
-

@@ -216,6 +216,9 @@ class Trainer:
 
         save_checkpoint(self.run_dir, self.model, self.optimizer, step, evals)
         save_adapter(self.model, self.run_dir / "adapter", self.cfg.weights)
+        self._record(step, evals)
+
+    def _record(self, step: int, evals: int) -> None:
         o = self.origin
         self.ledger.record(self.ledger_key, self.flops_at(step, evals) - o.flops, step - o.step,
                            (step - o.step) * self.tokens_per_step,
@@ -273,6 +276,7 @@ class Trainer:
         self.write_run_files()
         self._truncate_metrics(start if evals else -1)
         if start >= cfg.max_steps:
+            self._record(start, evals)  # a kill after the last checkpoint, before its record
             print(f"{self.run_dir}: already trained for {start} steps (max {cfg.max_steps})")
             return {"step": start}
         print(f"training {self.run_dir}: steps {start}..{cfg.max_steps}, "

@@ -1,0 +1,162 @@
+"""The successive-halving protocol on a tiny sweep: its plan, promotion and continuation, the
+ledger charging each step once, the dtype the calibration decides, the final model's steps
+chosen by validation forecast error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_forecasting_setup, requires_tokenizer
+
+from qwenlite.errors import QwenliteError
+from qwenlite.experiments import halving
+from qwenlite.experiments.plan import SCALES, build_plan, load_scale
+from qwenlite.model.config import QwenConfig
+from qwenlite.sweep import main
+from qwenlite.training.ledger import Ledger
+
+TINY = {"base": "halving", "lrs": [3e-3, 1e-3], "ranks": [2, 4], "contexts": [32, 48],
+        "default": [3e-3, 2, 48], "rungs": [2, 4], "keep": 2, "branch_steps": 2,
+        "checkpoints": [8, 10], "final_steps": 10, "eval_interval": 2, "eval_windows": 2,
+        "val_systems": 3, "test_systems": 3, "context_steps": 6, "horizon": 2, "eval_batch": 3,
+        "dtype": "fp32", "shares_budget_with": []}
+
+
+@pytest.fixture(scope="module")
+def trajectories():
+    from qwenlite.data import simulate
+
+    return simulate(n_systems=1000, n_points=100, seed=3)[0]
+
+
+def test_the_halving_plan_for_this_machine_spends_half_the_budget(trajectories):
+    plan = build_plan(SCALES["halving"], QwenConfig.from_name("qwen2.5-0.5b"), trajectories)
+    plan.check()
+    assert 5e16 <= plan.total_flops <= 1e17
+    stages = plan.stages()
+    assert list(stages) == ["calibration", "zeroshot", "rung1", "rung2", "branch", "final",
+                            "test"]
+    assert len(stages["rung1"]) == 9 and len(stages["rung2"]) == 3
+    assert [e.parent for e in stages["rung2"]] == ["@rung1:1", "@rung1:2", "@rung1:3"]
+    assert stages["final"][-1].steps == plan.scale.final_steps >= 2500
+    # each experiment is charged only the steps after its parent's
+    from qwenlite.flops import counting_model, forward_flops, train_step_flops
+
+    model = counting_model(QwenConfig.from_name("qwen2.5-0.5b"), 8)
+    step = train_step_flops(model, 512, 4).rule
+    val = forward_flops(model, 512, loss=True).total() * plan.scale.eval_windows
+    # 150 -> 600: 450 steps and the validations at 200, 250, ..., 600 (150's was the parent's)
+    assert plan.costs["r2-1"].train_flops == 450 * step + 9 * val
+    rows = plan.to_dict()["experiments"]
+    assert {r["stage"] for r in rows} >= {"rung1", "rung2"} and all("parent" in r for r in rows)
+
+
+def test_a_halving_scale_must_line_up():
+    with pytest.raises(QwenliteError, match="must grow"):
+        load_scale("halving", rungs=(600, 150))
+    with pytest.raises(QwenliteError, match="last checkpoint"):
+        load_scale("halving", final_steps=5000)
+    with pytest.raises(QwenliteError, match="multiple of eval_interval"):
+        load_scale("halving", rungs=(155, 600))
+
+
+def test_promotion_ranks_by_validation_mae(trajectories):
+    scale = load_scale("halving", dtype="fp32")
+    plan = build_plan(scale, QwenConfig.from_name("qwen2.5-0.5b"), trajectories)
+    from qwenlite.experiments.runner import _row, make_choices
+
+    def result(e, mae, rank=None):
+        return {"name": e.name, "settings": {"lr": e.lr, "rank": rank or e.rank or 8,
+                                             "context": e.context, "logit_bias": False},
+                "val": {"mae": mae}, "val_loss": 1.0}
+
+    rung1 = plan.stages()["rung1"]
+    maes = [0.5, 0.2, 0.9, 0.1, 0.3, 0.8, 0.7, 0.6, 0.4]
+    results = {e.name: result(e, m) for e, m in zip(rung1, maes)}
+    choices = make_choices(plan, results)
+    order = [rung1[i].name for i in np.argsort(maes)]
+    assert choices["ranking"]["rung1"] == order
+    assert "rung2" not in choices["ranking"]
+    assert halving.parent_of(plan.stages()["rung2"][1], choices, "fp32") == order[1]
+    with pytest.raises(QwenliteError, match="not chosen yet"):
+        halving.parent_of(plan.stages()["branch"][0], choices, "fp32")
+    with pytest.raises(QwenliteError, match="dtype"):
+        halving.parent_of(plan.stages()["zeroshot"][0], choices, None)
+
+
+@requires_tokenizer
+def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_path, capsys):
+    weights, data = make_forecasting_setup(tmp_path, 30, 24, seed=4)
+    plan_file = tmp_path / "tiny.json"
+    plan_file.write_text(json.dumps(TINY))
+    out = tmp_path / "sweep"
+    args = ["--scale", str(plan_file), "--out", str(out), "--weights", str(weights),
+            "--data", str(data)]
+    assert main(["plan", *args, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["dtype"] == "fp32"
+    assert main(["run", *args, "--no-progress"]) == 0
+    capsys.readouterr()
+    names = [e["name"] for e in planned["experiments"]]
+    results = {n: json.loads((out / n / "result.json").read_text()) for n in names}
+    choices = json.loads((out / "choices.json").read_text())
+    ranking = choices["ranking"]
+    # promotion: rung 2's slots are the best half of rung 1 by validation MAE, continued
+    rung1 = [n for n in names if n.startswith("r1-")]
+    best = sorted(rung1, key=lambda n: (results[n]["val"]["mae"], results[n]["val_loss"]))
+    assert ranking["rung1"] == best
+    for j in (1, 2):
+        r2 = results[f"r2-{j}"]["settings"]
+        assert r2["parent"] == best[j - 1] and r2["start"] == 2 and r2["steps"] == 4
+        src = results[best[j - 1]]["settings"]
+        assert (r2["lr"], r2["rank"]) == (src["lr"], src["rank"])
+    # the branches continue the best of rung 2; the final line continues the best branch
+    top = ranking["rung2"][0]
+    assert results["context-32"]["settings"]["parent"] == top
+    assert json.loads((out / "context-32" / "train" / "config.json").read_text())["context"] == 32
+    assert results["final-8"]["settings"]["parent"] == ranking["branch"][0]
+    assert results["final-10"]["settings"]["parent"] == "final-8"
+    assert "control-bias" not in ranking["branch"]
+    # the final model is the checkpoint with the lowest validation MAE, scored on test once
+    line = [ranking["branch"][0], "final-8", "final-10"]
+    chosen = min(line, key=lambda n: (results[n]["val"]["mae"], results[n]["val_loss"]))
+    assert ranking["final"][0] == chosen == results["final"]["settings"]["parent"]
+    assert results["final"]["val"] == results[chosen]["val"]
+    assert [n for n in names if "test" in results[n]] == ["zeroshot", "final"]
+    assert results["zeroshot"]["settings"]["parent"] == "zeroshot-fp32"
+    # continuation is exact: the promoted run's curve is an uninterrupted run's
+    from qwenlite.train import main as train
+
+    src = results[ranking["rung2"][0]]["settings"]
+    ref = tmp_path / "ref"
+    assert train(["--weights", str(weights), "--data", str(data), "--out", str(ref),
+                  "--ledger", str(tmp_path / "ref-ledger.json"), "--lr", f"{src['lr']:g}",
+                  "--rank", str(src["rank"]), "--context", "48", "--batch", "4",
+                  "--max-steps", "4", "--eval-interval", "2", "--eval-windows", "2",
+                  "--no-progress", "--device", "auto"]) == 0
+    capsys.readouterr()
+
+    def curve(d):
+        return [(r["step"], r.get("loss"), r.get("val_loss"))
+                for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+
+    assert curve(out / ranking["rung2"][0] / "train") == curve(ref)
+    # the ledger charges each step once: a line's entries sum to its steps
+    entries = Ledger(out / "ledger.json").load()["entries"]
+    steps = {e["experiment"]: e["steps"] for e in entries.values() if e["kind"] == "train"}
+    assert steps["r2-1 (train)"] == 2 and steps["final-10 (train)"] == 2
+    assert steps["final-8 (train)"] == 2 and steps["branch-base (train)"] == 2
+    assert all(e["status"] == "done" for e in entries.values())
+    # the grammar made every forecast parse
+    metrics = json.loads((out / "final" / "eval-test" / "metrics.json").read_text())
+    assert metrics["results"]["qwen"]["parse"]["grammar"] is True
+    assert metrics["results"]["qwen"]["parse"]["missing_step_rate"] == 0
+    # nothing machine-specific in the results
+    for r in results.values():
+        assert str(tmp_path) not in json.dumps(r)
+    # status says what remains
+    assert main(["status", *args]) == 0
+    status = capsys.readouterr().out
+    assert "remaining: 0 of" in status and "ranking rung1" in status
