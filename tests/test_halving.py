@@ -160,3 +160,26 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     assert main(["status", *args]) == 0
     status = capsys.readouterr().out
     assert "remaining: 0 of" in status and "ranking rung1" in status
+
+
+def test_slurm_script_chains_the_rungs(tmp_path):
+    import subprocess
+
+    from qwenlite.data import simulate_to
+
+    data = simulate_to(tmp_path / "lv.h5", n_systems=1000, n_points=100, seed=0)
+    out = tmp_path / "sweep"
+    assert main(["plan", "--scale", "halving", "--data", str(data), "--out", str(out),
+                 "--emit", "slurm"]) == 0
+    script = (out / "submit_slurm.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(out / "submit_slurm.sh")]).returncode == 0
+    by_stage = {x.split("=", 1)[0]: x for x in script.splitlines() if "sbatch" in x}
+    assert list(by_stage) == ["calibration", "zeroshot", "rung1", "rung2", "branch", "final",
+                              "test"]
+    assert "--array=0-8" in by_stage["rung1"]
+    assert "--dependency=afterok:${rung1}" in by_stage["rung2"]
+    assert "--array=0-2" in by_stage["rung2"]
+    assert "--dependency=afterok:${branch}" in by_stage["final"]
+    # the final line continues itself: one job running the stage in order, no array
+    assert "--array" not in by_stage["final"] and "--index" not in by_stage["final"]
+    assert "--stage final'" in by_stage["final"]

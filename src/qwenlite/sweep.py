@@ -81,7 +81,8 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--only", type=one_line_text, action="append", default=None,
                            help="run only this experiment (repeatable)")
             p.add_argument("--stage", type=one_line_text, default=None,
-                           help="with --index: run one experiment of a stage (Slurm arrays)")
+                           help="run one stage (with --index: one experiment of it, as Slurm "
+                                "arrays do)")
             p.add_argument("--index", type=nonnegative_int, default=None)
             p.add_argument("--track", choices=("wandb", "tensorboard"), default=None,
                            help="also send metrics to this tracker (if installed)")
@@ -119,11 +120,9 @@ def _spent(scale, out: Path) -> int:
     from qwenlite.training.ledger import Ledger
 
     total = 0
-    for rel in scale.shares_budget_with:
-        path = out / rel
-        if not path.is_file():
-            raise QwenliteError(f"the plan shares its budget with {path}, which is missing")
-        total += sum(int(e["flops"]) for e in Ledger(path).load()["entries"].values())
+    for rel in scale.shares_budget_with:  # absent (a sweep elsewhere, no pilot): none spent
+        if (out / rel).is_file():
+            total += sum(int(e["flops"]) for e in Ledger(out / rel).load()["entries"].values())
     return total
 
 
@@ -259,11 +258,13 @@ def _run(args) -> int:
     only = args.only
     if args.stage is not None or args.index is not None:
         members = {stage: [e.name for e in exps] for stage, exps in plan.stages().items()}
-        if args.stage not in members or args.index is None or args.index >= len(
-                members[args.stage]):
+        if args.stage in members and args.index is None:  # the whole stage, in order
+            only = members[args.stage]
+        elif args.stage not in members or args.index >= len(members[args.stage]):
             raise QwenliteError(f"--stage/--index name no experiment: stages "
                                 f"{', '.join(f'{k} (0-{len(v) - 1})' for k, v in members.items())}")
-        only = [members[args.stage][args.index]]
+        else:
+            only = [members[args.stage][args.index]]
     known = {e.name for e in plan.experiments}
     unknown = sorted(set(only or ()) - known)
     if unknown:

@@ -1,6 +1,8 @@
 """A Slurm job-array script for a plan: one array per stage, each stage waiting for the ones
-whose choices it needs (grid → context and control → final). Slurm schedules; qwenlite only
-writes the script (``python -m qwenlite.sweep plan --emit slurm``)."""
+whose choices it needs (grid → context and control → final; in a halving plan each stage waits
+for the one before: rung 1 → rung 2 → branches → final → test). A stage whose experiments
+continue each other (the final line) is one job that runs them in order. Slurm schedules;
+qwenlite only writes the script (``python -m qwenlite.sweep plan --emit slurm``)."""
 
 from __future__ import annotations
 
@@ -30,13 +32,23 @@ def slurm_script(plan: Plan, run_args: list[str], partition: str | None = None) 
              "set -euo pipefail", ""]
     base = "python -m qwenlite.sweep run " + " ".join(shlex.quote(a) for a in run_args)
     extra = f" --partition={shlex.quote(partition)}" if partition else ""
-    for stage, names in members.items():
-        deps = [f"${{{d}}}" for d in DEPENDS.get(stage, ()) if d in members]
+    stages = plan.stages()
+    order = list(members)
+    for i, (stage, names) in enumerate(members.items()):
+        needs = DEPENDS.get(stage) if not plan.scale.rungs else order[i - 1:i]
+        deps = [f"${{{d}}}" for d in (needs or ()) if d in members]
         dep = f" --dependency=afterok:{':'.join(deps)}" if deps else ""
-        limit = _hhmm(max(hours[n] for n in names))
-        cmd = f"{base} --stage {stage} --index $SLURM_ARRAY_TASK_ID"  # expanded by the job
-        lines.append(f"{stage}=$(sbatch --parsable --job-name=qwenlite-{stage} "
-                     f"--array=0-{len(names) - 1} --gres=gpu:1 --time={limit}{extra}{dep} "
-                     f"--output=slurm-%x-%A_%a.out --wrap={shlex.quote(cmd)})")
+        chained = any(e.parent in names for e in stages[stage])
+        if chained:  # one job, the experiments in order
+            limit = _hhmm(sum(hours[n] for n in names))
+            cmd, array = f"{base} --stage {stage}", ""
+        else:
+            limit = _hhmm(max(hours[n] for n in names))
+            cmd = f"{base} --stage {stage} --index $SLURM_ARRAY_TASK_ID"  # expanded by the job
+            array = f" --array=0-{len(names) - 1}"
+        out = "slurm-%x-%j.out" if chained else "slurm-%x-%A_%a.out"
+        lines.append(f"{stage}=$(sbatch --parsable --job-name=qwenlite-{stage}"
+                     f"{array} --gres=gpu:1 --time={limit}{extra}{dep} "
+                     f"--output={out} --wrap={shlex.quote(cmd)})")
         lines.append(f"echo \"{stage}: job ${stage} ({', '.join(names)})\"")
     return "\n".join(lines) + "\n"
