@@ -114,3 +114,22 @@ def test_a_kill_between_the_last_checkpoint_and_its_ledger_record_is_mended(setu
     assert main(_args(setup, run, ledger, "--max-steps", "4")) == 0  # already trained
     again = _entry(ledger, run)
     assert (again["status"], again["steps"], again["flops"]) == ("done", 4, done["flops"])
+
+
+def test_a_run_resumes_from_another_path_to_the_same_files_but_not_from_other_data(setup,
+                                                                                    tmp_path):
+    import shutil
+
+    weights, data = setup
+    ledger = tmp_path / "ledger.json"
+    run = tmp_path / "run"
+    assert main(_args(setup, run, ledger, "--max-steps", "2")) == 0
+    moved = tmp_path / "elsewhere" / "data.h5"  # another machine's checkout
+    moved.parent.mkdir()
+    shutil.copy(data, moved)
+    assert main(_args((weights, moved), run, ledger, "--max-steps", "4")) == 0
+    assert _records(run)[-1]["step"] == 4
+    from conftest import make_forecasting_setup as other_setup
+
+    _, other = other_setup(tmp_path / "other", 24, 20, seed=9)
+    assert main(_args((weights, other), run, ledger, "--max-steps", "6")) == 2

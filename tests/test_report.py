@@ -68,6 +68,8 @@ def test_report_regenerates_from_the_committed_results(tmp_path):
     sweep = load_sweep(RESULTS)
     zs = sweep.results["zeroshot"]["val"]["mae"]
     assert rf"\qwl@def{{x.zeroshot.valmae}}{{{zs:.3f}}}" in numbers
+    # the bias alone has rank 0: a setting, shown as 0, not as pending
+    assert r"\qwl@def{x.control-bias.rank}{0}" in numbers
     # every key main.tex reads is generated
     used = set(re.findall(r"\\R\{([^{}]*)\}", (ROOT / "report" / "main.tex").read_text()))
     defined = set(re.findall(r"\\qwl@def\{([^{}]*)\}", numbers))

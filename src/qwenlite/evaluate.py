@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwenlite.evaluation.baselines import BASELINES
     from qwenlite.evaluation.generation import run_flops
     from qwenlite.evaluation.metrics import crps_from_samples, summarize
-    from qwenlite.model.loading import load_model
+    from qwenlite.model.loading import checkpoint_id, load_model
     from qwenlite.training.ledger import Ledger, fmt_flops
     from qwenlite.training.lora import load_adapter, lora_layers
 
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         crps = crps_from_samples(fc.samples, truth)
         results["qwen"]["crps"] = summarize(np.asarray(crps).reshape(len(systems), -1).mean(-1))
     summary = {
-        "weights": str(weights), "adapter": args.adapter, "split": args.split,
+        "weights": checkpoint_id(weights),
+        "adapter": None if not args.adapter else os.path.relpath(args.adapter, out_dir), "split": args.split,
         "systems": len(systems), "context_steps": k, "horizon": h, "samples": args.samples,
         "temperature": temperature, "top_p": args.top_p, "dtype": args.dtype,
         "alpha": settings.alpha, "decimals": settings.decimals,

@@ -138,3 +138,14 @@ def check_file_writable(path: str | Path, what: str = "") -> Path:
             raise QwenliteError(f"{_named(what, path)} is not readable; fix its permissions")
     _check_can_create(path, what)
     return path
+
+
+def file_id(path: str | Path) -> str:
+    """A short content hash of a file (SHA-256, 16 hex digits): what it is, wherever it lies."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]

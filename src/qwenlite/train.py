@@ -28,7 +28,8 @@ from qwenlite.cli import (
     writable_file,
 )
 from qwenlite.errors import CheckpointError, QwenliteError
-from qwenlite.io import check_dir_creatable, read_json_object
+from qwenlite.io import check_dir_creatable, file_id, read_json_object
+from qwenlite.model.loading import checkpoint_id
 from qwenlite.training.ledger import Ledger
 from qwenlite.training.trainer import TrainConfig, Trainer
 
@@ -98,7 +99,8 @@ def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
     except TypeError as exc:
         raise CheckpointError(f"{config_file} is unreadable ({exc})") from None
     diff = [f.name for f in dataclasses.fields(cfg) if f.name not in TrainConfig.RESUMABLE
-            and getattr(old, f.name) != getattr(cfg, f.name)]
+            and getattr(old, f.name) != getattr(cfg, f.name)
+            and not (f.name.endswith("_id") and not getattr(old, f.name))]  # a run from before ids
     if diff:
         name = diff[0]
         raise QwenliteError(
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ledger.check()
     cfg.weights = str(resolve_weights(args.weights))
     cfg.data = str(resolve_data(args.data))
+    cfg.weights_id = checkpoint_id(cfg.weights)["sha256"]
+    cfg.data_id = file_id(cfg.data)
     check_resumable(cfg, run_dir)
     result = Trainer(cfg, run_dir, device, ledger, progress=not args.no_progress).run()
     summary = {k: v for k, v in result.items() if v is not None}

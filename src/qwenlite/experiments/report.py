@@ -48,7 +48,9 @@ def experiment_numbers(n: Numbers, sweep: Sweep, flops: dict[str, tuple[int, int
         n[k + "steps"] = p["steps"]
         n[k + "context"] = s["context"] if s["context"] is not None else PENDING
         n[k + "lr"] = lr_tex(s["lr"]) if s["lr"] else ("---" if not p["steps"] else PENDING)
-        n[k + "rank"] = s["rank"] if s["rank"] else ("---" if not p["steps"] else PENDING)
+        # rank 0 (the logit bias alone) is a setting, not a missing one
+        n[k + "rank"] = s["rank"] if s["rank"] is not None else (
+            "---" if not p["steps"] else PENDING)
         n[k + "bias"] = ("yes" if s["logit_bias"] else "no") \
             if s["logit_bias"] is not None else PENDING
         n[k + "plannedflops"] = sci(p["train_flops"] + p["eval_flops"])

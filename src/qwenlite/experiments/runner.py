@@ -29,6 +29,7 @@ from pathlib import Path
 from qwenlite.errors import QwenliteError
 from qwenlite.experiments.plan import Experiment, Plan
 from qwenlite.io import atomic_write_text, read_json_object
+from qwenlite.model.loading import checkpoint_id
 
 RESULT = "result.json"
 CHOICES = "choices.json"
@@ -47,26 +48,6 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
-
-
-def checkpoint_id(weights: str | Path) -> dict:
-    """What identifies a checkpoint without a machine path: its directory's name and a hash of
-    its ``config.json`` and its safetensors headers (names, dtypes, shapes, offsets)."""
-    import hashlib
-    import struct
-
-    weights = Path(weights)
-    h = hashlib.sha256()
-    for path in [weights / "config.json", *sorted(weights.glob("*.safetensors"))]:
-        if not path.is_file():
-            continue
-        with open(path, "rb") as f:
-            if path.suffix == ".safetensors":
-                size = struct.unpack("<Q", f.read(8))[0]
-                h.update(f.read(size))
-            else:
-                h.update(f.read())
-    return {"name": weights.name, "sha256": h.hexdigest()[:16]}
 
 
 def read_result(directory: Path, name: str) -> dict | None:

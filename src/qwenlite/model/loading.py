@@ -128,3 +128,23 @@ def init_random(config: QwenConfig, seed: int = 0, dtype: torch.dtype = torch.fl
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def checkpoint_id(weights: str | Path) -> dict:
+    """What identifies a checkpoint without a machine path: its directory's name and a hash of
+    its ``config.json`` and its safetensors headers (names, dtypes, shapes, offsets)."""
+    import hashlib
+    import struct
+
+    weights = Path(weights)
+    h = hashlib.sha256()
+    for path in [weights / "config.json", *sorted(weights.glob("*.safetensors"))]:
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            if path.suffix == ".safetensors":
+                size = struct.unpack("<Q", f.read(8))[0]
+                h.update(f.read(size))
+            else:
+                h.update(f.read())
+    return {"name": weights.name, "sha256": h.hexdigest()[:16]}

@@ -57,9 +57,13 @@ class TrainConfig:
     experiment: str = ""
     weights: str = ""
     data: str = ""
+    #: what the checkpoint and the data are, whatever their paths: a resumed run must match them
+    weights_id: str = ""
+    data_id: str = ""
 
-    # Fields that may change when a run is resumed (they do not change its trajectory).
-    RESUMABLE = ("max_steps", "eval_interval", "save_interval", "experiment")
+    # Fields that may change when a run is resumed (they do not change its trajectory): the
+    # paths too, which differ between machines (the ids are checked instead).
+    RESUMABLE = ("max_steps", "eval_interval", "save_interval", "experiment", "weights", "data")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
