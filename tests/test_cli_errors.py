@@ -372,3 +372,40 @@ def test_the_three_original_validators_share_one_factory(factory):
     for bad in parse.bad_values:
         with pytest.raises(argparse.ArgumentTypeError):
             parse(bad)
+
+
+def _parsers():
+    import argparse
+    import importlib
+
+    from qwenlite.cli import COMMANDS
+
+    for name in COMMANDS:
+        parser = importlib.import_module(f"qwenlite.{name}").build_parser()
+        todo = [(name, parser)]
+        while todo:
+            label, p = todo.pop()
+            yield label, p
+            for action in p._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    todo += [(f"{label} {k}", sub) for k, sub in action.choices.items()]
+
+
+def test_every_option_with_a_default_names_it_in_its_help():
+    import argparse
+
+    missing = []
+    for label, parser in _parsers():
+        for action in parser._actions:
+            if (not action.option_strings or action.nargs == 0
+                    or action.default in (None, False, argparse.SUPPRESS)):
+                continue
+            text = parser._get_formatter()._format_action(action)
+            if "default" not in text:
+                missing.append(f"{label} {action.option_strings[0]}")
+    assert not missing, missing
+    # and the value shown is the default itself
+    from qwenlite.train import build_parser
+
+    lr = next(a for a in build_parser()._actions if "--lr" in a.option_strings)
+    assert "(default: 1e-05)" in build_parser()._get_formatter()._format_action(lr)

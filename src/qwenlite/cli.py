@@ -77,8 +77,37 @@ WEIGHTS_ENV = "QWENLITE_WEIGHTS"
 
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that names every option's default (unless its help already says it)."""
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return (bool(action.option_strings) and "default" not in (action.help or "")
+                and action.default not in (None, False, argparse.SUPPRESS)
+                and action.nargs != 0)  # flags: present or not
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):  # argparse skips help-less options
+            import copy
+
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not self._shows_default(action) or "%(default)" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: <what> (see --help)``, exit status 2."""
+    """argparse with one-line errors: ``error: <what> (see --help)``, exit status 2, and every
+    option's default in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D102 - argparse API
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
