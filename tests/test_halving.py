@@ -143,6 +143,12 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
                 for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
 
     assert curve(out / ranking["rung2"][0] / "train") == curve(ref)
+    # once nothing is left to continue them, the rungs' runs keep their adapters but not their
+    # optimizer checkpoints; the other stages keep theirs
+    rungs = [n for n in names if n[0] == "r" and n[1].isdigit()]
+    assert all(not (out / n / "train" / "state.pt").exists() for n in rungs)
+    assert all((out / n / "train" / "adapter").is_dir() for n in rungs)
+    assert (out / "final-10" / "train" / "state.pt").exists()
     # the ledger charges each step once: a line's entries sum to its steps
     entries = Ledger(out / "ledger.json").load()["entries"]
     steps = {e["experiment"]: e["steps"] for e in entries.values() if e["kind"] == "train"}
@@ -183,3 +189,19 @@ def test_slurm_script_chains_the_rungs(tmp_path):
     # the final line continues itself: one job running the stage in order, no array
     assert "--array" not in by_stage["final"] and "--index" not in by_stage["final"]
     assert "--stage final'" in by_stage["final"]
+
+
+def test_only_checkpoints_that_a_pending_run_may_continue_are_kept(trajectories, tmp_path):
+    plan = build_plan(load_scale("halving", dtype="fp32"), QwenConfig.from_name("qwen2.5-0.5b"),
+                      trajectories)
+    rung1 = [e.name for e in plan.stages()["rung1"]]
+    for name in rung1:
+        (tmp_path / name / "train").mkdir(parents=True)
+        (tmp_path / name / "train" / "state.pt").write_text("x")
+    results = {n: {} for n in rung1}
+    # rung 1 done but not ranked (a stage still running): every checkpoint may be promoted
+    assert halving.prune_checkpoints(tmp_path, plan, {"ranking": {}}, results) == []
+    ranking = {"rung1": rung1[::-1]}
+    pruned = halving.prune_checkpoints(tmp_path, plan, {"ranking": ranking}, results)
+    assert sorted(pruned) == sorted(rung1[:-3])  # the best three wait for rung 2
+    assert all((tmp_path / n / "train" / "state.pt").exists() for n in rung1[-3:])

@@ -209,3 +209,36 @@ def decide_dtype(out, plan, results: dict[str, dict], device_type: str = "cpu") 
                         "bf16 - fp32 not above 0); else fp32"}
     atomic_write_text(path, json.dumps(decision, indent=2) + "\n")
     return decision
+
+
+# ----- checkpoints no run will continue -----------------------------------------------------------
+def prune_checkpoints(out, plan, choices: dict, results: dict[str, dict]) -> list[str]:
+    """Delete the optimizer checkpoints (``train/state*.pt``) of the rungs' runs that no later
+    experiment can continue any more: those a finished ranking did not promote. Their adapters,
+    curves and scores stay; the checkpoints are what a continuation needs and what is large.
+    Returns the experiments pruned."""
+    from qwenlite.training.checkpoint import PREV_STATE, STATE
+
+    needed: set[str] = set()
+    stages = plan.stages()
+    for e in plan.experiments:
+        if e.name in results or not e.parent or e.parent == DTYPE_REF:
+            continue
+        chosen = parse_ref(e.parent)
+        if chosen is None:
+            needed.add(e.parent)
+            continue
+        stage, place = chosen
+        ranking = choices.get("ranking", {}).get(stage)
+        needed |= {ranking[place - 1]} if ranking else {x.name for x in stages[stage]}
+    pruned = []
+    for stage, exps in stages.items():
+        if not stage.startswith("rung"):
+            continue
+        for e in exps:
+            train = out / e.name / "train"
+            if e.name in results and e.name not in needed and (train / STATE).exists():
+                for name in (STATE, PREV_STATE):
+                    (train / name).unlink(missing_ok=True)
+                pruned.append(e.name)
+    return pruned
