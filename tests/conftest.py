@@ -31,6 +31,12 @@ requires_tokenizer = pytest.mark.skipif(
 requires_real_data = pytest.mark.skipif(not REAL_DATA.is_file(), reason=f"no dataset at {REAL_DATA}")
 
 
+@pytest.fixture(autouse=True)
+def _private_rates(tmp_path_factory, monkeypatch):
+    """Runs in tests record their rates in a file of the test session, not the user's cache."""
+    monkeypatch.setenv("QWENLITE_RATES", str(tmp_path_factory.getbasetemp() / "rates.json"))
+
+
 def make_hf_checkpoint(directory: Path, *, tied: bool = True, kv_heads: int = 2,
                        sharded: bool = False, seed: int = 0, vocab: int = 128) -> Path:
     """Save a tiny random transformers ``Qwen2ForCausalLM`` with ``save_pretrained``."""

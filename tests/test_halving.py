@@ -91,7 +91,7 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     weights, data = make_forecasting_setup(tmp_path, 30, 24, seed=4)
     plan_file = tmp_path / "tiny.json"
     plan_file.write_text(json.dumps(TINY))
-    out = tmp_path / "sweep"
+    out = tmp_path / "halving"
     args = ["--scale", str(plan_file), "--out", str(out), "--weights", str(weights),
             "--data", str(data)]
     assert main(["plan", *args, "--json"]) == 0
@@ -135,7 +135,7 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
                   "--ledger", str(tmp_path / "ref-ledger.json"), "--lr", f"{src['lr']:g}",
                   "--rank", str(src["rank"]), "--context", "48", "--batch", "4",
                   "--max-steps", "4", "--eval-interval", "2", "--eval-windows", "2",
-                  "--no-progress", "--device", "auto"]) == 0
+                  "--no-progress", "--device", "auto", "--dtype", "fp32"]) == 0  # the sweep's
     capsys.readouterr()
 
     def curve(d):
@@ -162,6 +162,15 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     # nothing machine-specific in the results
     for r in results.values():
         assert str(tmp_path) not in json.dumps(r)
+    # the report's numbers and table of the sweep
+    from qwenlite.experiments.decisive import halving_numbers
+    from qwenlite.experiments.latex import Numbers
+
+    n = Numbers()
+    table = halving_numbers(n, tmp_path)
+    assert n["h.done"] == n["h.n"] == str(len(names)) and n["h.dtype"] == "fp32"
+    assert "pending" not in table and table.count(r"\\") == len(names) - 4 + 1  # + header
+    assert n["h.dtype.diff"] == r"\textit{pending}"  # the scale set the dtype: no comparison
     # status says what remains
     assert main(["status", *args]) == 0
     status = capsys.readouterr().out

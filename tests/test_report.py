@@ -4,6 +4,7 @@ against the ledgers, and the whole report regenerated from the committed results
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +224,25 @@ def test_elapsed_training_time_counts_every_resumed_segment():
              {"step": 4, "seconds": 9.0}]
     assert elapsed(curve, 4) == pytest.approx(29.0)
     assert elapsed(curve, 2) == pytest.approx(20.0)
+
+
+def test_the_report_finds_the_sweeps_data_without_flags(tmp_path, capsys, monkeypatch):
+    """No --data: the report reads the dataset the sweep's plan.json records; a recorded file
+    that is not here is one line naming it."""
+    import json
+
+    from qwenlite.report import main, sweep_data
+
+    recorded = json.loads((RESULTS / "plan.json").read_text())["data"]
+    assert sweep_data(RESULTS).name == Path(recorded).name
+    assert main(["--results", str(RESULTS), "--out", str(tmp_path / "gen"),
+                 "--tokenizer", str(TOKENIZER_JSON)]) == 0
+    assert "report:" in capsys.readouterr().out
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "plan.json").write_text(json.dumps({"data": str(tmp_path / "gone.h5")}))
+    assert main(["--results", str(moved), "--out", str(tmp_path / "gen2"),
+                 "--tokenizer", str(TOKENIZER_JSON)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gone.h5" in err and "--data" in err
+    assert not (tmp_path / "gen2").exists()

@@ -204,3 +204,62 @@ def test_logit_bias_trains_saves_loads_and_resumes(setup, tmp_path, rank):
     assert [r.get("loss") for r in _losses(run)] == [r.get("loss") for r in _losses(ref)]
     resumed = load_file(str(run / "adapter" / "logit_bias.safetensors"))["lm_head.bias"]
     assert torch.equal(resumed, bias)
+
+
+@pytest.mark.parametrize("flags, device, expected", [
+    ({"avx2", "fma"}, "cpu", "fp32"),             # bf16 would be emulated
+    ({"avx2", "avx512f", "avx512_bf16"}, "cpu", "bf16"),
+    ({"avx2", "amx_bf16", "amx_tile"}, "cpu", "bf16"),
+    (set(), "cpu", "fp32"),                       # no /proc/cpuinfo: the safe choice
+    ({"avx2"}, "cuda", "bf16"),
+    ({"avx2"}, "mps", "bf16"),
+])
+def test_dtype_auto_resolves_per_device(monkeypatch, flags, device, expected):
+    from qwenlite.accel import emulation
+    from qwenlite.cli import pick_dtype
+
+    monkeypatch.setattr(emulation, "cpu_flags", lambda: set(flags))
+    assert pick_dtype("auto", device) == expected
+    assert pick_dtype("fp32", device) == "fp32" and pick_dtype("bf16", device) == "bf16"
+
+
+def test_dtype_auto_is_recorded_and_a_resume_keeps_it(setup, tmp_path, monkeypatch):
+    """A run started with --dtype auto records the dtype it resolved to; resumed with auto on a
+    machine that would pick the other, it goes on in the recorded one."""
+    from qwenlite.accel import emulation
+
+    run, ledger = tmp_path / "run", tmp_path / "ledger.json"
+    monkeypatch.setattr(emulation, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert main(_args(setup, run, ledger, "--max-steps", "2", "--save-interval", "1")) == 0
+    assert json.loads((run / "config.json").read_text())["dtype"] == "bf16"
+    monkeypatch.setattr(emulation, "cpu_flags", lambda: {"avx2"})
+    assert main(_args(setup, run, ledger, "--max-steps", "3", "--dtype", "auto")) == 0
+    assert json.loads((run / "config.json").read_text())["dtype"] == "bf16"
+    assert [r["step"] for r in _losses(run)][-1] == 3
+    fresh = tmp_path / "fresh"  # a new run on that machine resolves to fp32
+    assert main(_args(setup, fresh, ledger, "--max-steps", "1")) == 0
+    assert json.loads((fresh / "config.json").read_text())["dtype"] == "fp32"
+
+
+def test_the_start_line_estimates_from_the_last_run_here(setup, tmp_path, capsys, monkeypatch):
+    """Before a step runs, train prints its FLOPS, their share of the budget and an estimated
+    time; the first run here estimates from a matmul probe, the next from the rate it reached."""
+    from qwenlite import rates
+
+    monkeypatch.setenv("QWENLITE_RATES", str(tmp_path / "rates.json"))
+    run, ledger = tmp_path / "run", tmp_path / "ledger.json"
+    assert main(_args(setup, run, ledger, "--max-steps", "30", "--dtype", "fp32")) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if "estimated" in x)
+    assert "of the 1e+17 budget" in line and "fp32" in line and "matmul probe" in line
+    weights, _ = setup
+    model = load_model(weights)
+    rate = rates.recorded("train", "fp32", "cpu", model)
+    assert rate and rate > 0
+    assert main(_args(setup, tmp_path / "next", ledger, "--max-steps", "30",
+                      "--dtype", "fp32")) == 0
+    line = next(x for x in capsys.readouterr().err.splitlines() if "estimated" in x)
+    assert "the last such run on this machine" in line
+    second = rates.recorded("train", "fp32", "cpu", model)
+    assert second != rate  # the second run's rate replaced the first's, and estimates from now on
+    assert rates.estimate("train", 1e12, "fp32", "cpu", model)[0] == pytest.approx(1e12 / second)
+    assert rates.recorded("train", "bf16", "cpu", model) is None  # another dtype: not timed yet

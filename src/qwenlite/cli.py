@@ -4,7 +4,8 @@
   (downloaded from the hub on first use);
 * data: ``--data PATH``, else the project's simulated default dataset;
 * device: ``--device auto`` picks cuda, then mps, then cpu;
-* dtype: ``fp32`` or ``bf16``;
+* dtype: ``auto`` (the default: bf16 where the device has bf16 units, see :func:`pick_dtype`),
+  ``fp32`` or ``bf16``; a run records the dtype it resolved to;
 * values: every option is checked where it is parsed, by one of the argparse types of
   :mod:`qwenlite.argtypes`, re-exported here
   (:func:`number_type` for counts, seeds and rates: finite, in range; :func:`path_type` for
@@ -135,12 +136,31 @@ def add_data_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_device_args(parser: argparse.ArgumentParser, dtype_default: str = "fp32") -> None:
+#: ``--dtype`` choices: ``auto`` and the dtypes of :data:`~qwenlite.model.config.DTYPES`.
+DTYPE_CHOICES = ("auto", *sorted(DTYPES))
+DTYPE_HELP = ("precision; auto: bf16 on CUDA, MPS and CPUs with AVX512-BF16 or AMX-BF16 "
+              "(where zero-shot bf16 forecasts measured as good as fp32's, report/results/halving), "
+              "else fp32")
+
+
+def add_device_args(parser: argparse.ArgumentParser, dtype_default: str | None = "auto",
+                    dtype_help: str = DTYPE_HELP) -> None:
     parser.add_argument(
         "--device", default="auto", type=device_name,
         help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
     )
-    parser.add_argument("--dtype", default=dtype_default, choices=sorted(DTYPES), help="precision")
+    parser.add_argument("--dtype", default=dtype_default, choices=DTYPE_CHOICES, help=dtype_help)
+
+
+def pick_dtype(name: str, device: torch.device | str) -> str:
+    """``fp32`` or ``bf16`` for ``--dtype name`` on ``device``: ``auto`` is bf16 where bf16
+    matmuls run on bf16 hardware (CUDA, MPS, a CPU with AVX512-BF16 or AMX-BF16:
+    :func:`qwenlite.accel.emulation.has_bf16_units`), else fp32."""
+    from qwenlite.accel.emulation import has_bf16_units
+
+    if name != "auto":
+        return {"float32": "fp32", "bfloat16": "bf16"}.get(name, name)
+    return "bf16" if has_bf16_units(torch.device(device).type) else "fp32"
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -14,6 +14,7 @@ from qwenlite.cli import (
     one_line_text,
     positive_float,
     positive_int,
+    pick_dtype,
     resolve_device,
     resolve_weights,
     writable_file,
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     traj = dataset.trajectories[systems].astype(np.float64)
     contexts, truth = traj[:, :k], traj[:, k:k + h]
     device = resolve_device(args.device)
+    args.dtype = pick_dtype(args.dtype, device)
     ledger = Ledger(args.ledger)
     ledger.check()
     out_dir = Path(args.out)

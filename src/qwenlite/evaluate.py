@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from qwenlite import rates
 from qwenlite.cli import (
     ArgumentParser,
     creatable_dir,
@@ -20,6 +22,7 @@ from qwenlite.cli import (
     one_line_text,
     positive_int,
     probability,
+    pick_dtype,
     resolve_device,
     resolve_dtype,
     resolve_weights,
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples > 1 and temperature <= 0:
         raise QwenliteError("--samples > 1 needs --temperature > 0 (greedy samples are identical)")
     device = resolve_device(args.device)
+    args.dtype = pick_dtype(args.dtype, device)
     k, h = args.context_steps, args.horizon
     tag = "adapter" if args.adapter else "zeroshot"
     out_dir = check_dir_creatable(args.out or f"runs/eval-{tag}-{args.split}-{k}to{h}",
@@ -159,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     ledger.plan(key, experiment, "eval", per_batch * len(systems) * args.samples,
                 systems=len(systems), split=args.split)
     out_dir.mkdir(parents=True, exist_ok=True)  # only once everything is checked and planned
+    print(rates.start_line(f"forecasting {len(systems)} {args.split} systems (at most)", "generate",
+                           per_batch * len(systems) * args.samples, ledger.budget, args.dtype,
+                           device, model), file=sys.stderr)
 
     fc = llm_forecast(model, tok, settings, contexts, h, batch=args.batch, samples=args.samples,
                       temperature=temperature, top_p=args.top_p, seed=args.seed,
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                         **{f"pred_{n}": p for n, p in preds.items()})
     plot(out_dir, dataset.time, contexts, truth, preds,
          {n: r["by_horizon"]["mae"] for n, r in results.items()})
+    rates.record("generate", args.dtype, device, model, fc.flops, fc.seconds)
     ledger.record(key, fc.flops, steps=0, tokens=fc.tokens, status="done", systems=len(systems),
                   seconds=round(fc.seconds, 1))
 

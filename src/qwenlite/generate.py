@@ -32,7 +32,7 @@ def build_parser():
 
 def _main(argv: list[str] | None) -> int:
     from qwenlite.accel import for_device
-    from qwenlite.cli import resolve_device, resolve_dtype, resolve_weights, warn_if_slow_bf16
+    from qwenlite.cli import pick_dtype, resolve_device, resolve_dtype, resolve_weights, warn_if_slow_bf16
     from qwenlite.data.tokenizer import Tokenizer
     from qwenlite.model.loading import load_model
 
@@ -40,6 +40,7 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     weights = resolve_weights(args.weights)
     device = resolve_device(args.device)
+    args.dtype = pick_dtype(args.dtype, device)
     warn_if_slow_bf16(resolve_dtype(args.dtype), device)
     model = for_device(load_model(weights, dtype=args.dtype, device=device))
     tok = Tokenizer(weights)

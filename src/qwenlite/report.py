@@ -47,6 +47,11 @@ def build_parser() -> ArgumentParser:
                         help="the report's source to check (default report/main.tex, if any)")
     add_weights_arg(parser)
     add_data_arg(parser)
+    parser.set_defaults(data=None)
+    for action in parser._actions:  # the report's data defaults to the sweep's, not the project's
+        if action.dest == "data":
+            action.help = ("HDF5 dataset of the LLMTIME examples (default: the one "
+                           "RESULTS/plan.json records, the sweep's)")
     parser.add_argument("--tokenizer", type=existing_file, default=None,
                         help="tokenizer.json for the LLMTIME examples (default: the weights')")
     parser.add_argument("--pdf", action="store_true", help="then build main.pdf with latexmk")
@@ -126,7 +131,10 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     method.training_numbers(n, config, dataset.trajectories, split.train, settings, tokenizer,
                             sorted({*CONTEXTS, *scale["contexts"]}),
                             sorted({*RANKS, *scale["ranks"]}))
+    from qwenlite.experiments.decisive import halving_numbers
+
     tables = {"experiments": R.results_table(sweep), "baselines": R.baseline_numbers(n, sweep),
+              "halving": halving_numbers(n, Path(results)),
               "flops": R.flops_numbers(n, sweep),
               "flops-components": method.flops_accounting(n, config, 512, 4, 4),
               "llmtime": method.llmtime_examples(n, dataset.trajectories, split.train, settings,
@@ -164,6 +172,22 @@ def build_pdf(tex: Path) -> Path:
     return tex.with_suffix(".pdf")
 
 
+def sweep_data(results: Path) -> Path | None:
+    """The dataset the sweep in ``results`` ran on, as its ``plan.json`` records it (a path
+    relative to the checkout, or absolute); None where no plan records one."""
+    from qwenlite.io import read_json_object
+
+    plan = results / "plan.json"
+    recorded = read_json_object(plan, "sweep plan").get("data") if plan.is_file() else None
+    if not recorded:
+        return None
+    for path in (Path(recorded), REPORT.parent / recorded):
+        if path.is_file():
+            return path
+    raise QwenliteError(f"the sweep's dataset {recorded} (from {plan}) is not here: "
+                        "pass --data PATH")
+
+
 @main_guard
 def main(argv: list[str] | None = None) -> int:
     from qwenlite.data import resolve_data
@@ -173,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     tex = args.tex or (REPORT / "main.tex" if (REPORT / "main.tex").is_file() else None)
     if args.pdf and tex is None:
         raise QwenliteError("--pdf needs the report's source: report/main.tex or --tex FILE")
+    data = Path(args.data) if args.data else sweep_data(Path(args.results))
     tokenizer = Tokenizer(args.tokenizer or resolve_weights(args.weights))
-    info = generate(Path(args.results), Path(args.out), resolve_data(args.data), tokenizer, tex)
+    info = generate(Path(args.results), Path(args.out), resolve_data(data), tokenizer, tex)
     print(f"report: {info['numbers']} numbers, {info['tables']} tables, {info['figures']} "
           f"figures from {info['done']} of {info['planned']} experiments -> {args.out}")
     if info["words"] is not None:

@@ -29,7 +29,9 @@ from qwenlite.cli import (
     nonnegative_int,
     one_line_text,
     positive_float,
+    pick_dtype,
     positive_int,
+    resolve_device,
     resolve_weights,
 )
 from qwenlite.errors import QwenliteError
@@ -75,7 +77,10 @@ def build_parser() -> ArgumentParser:
             p.add_argument("--steps", type=positive_int, default=3,
                            help="timed steps per dtype (one more runs first, untimed)")
         if name == "run":
-            add_device_args(p, dtype_default=None)
+            add_device_args(p, dtype_default=None, dtype_help=(
+                "precision of every experiment (default: a halving plan's own, decided by its "
+                "calibration; fp32 for the pilot's scales); auto: bf16 where the device has "
+                "bf16 units"))
             p.add_argument("--jobs", type=positive_int, default=1,
                            help="experiments at once within a stage (one per GPU)")
             p.add_argument("--only", type=one_line_text, action="append", default=None,
@@ -88,6 +93,15 @@ def build_parser() -> ArgumentParser:
                            help="also send metrics to this tracker (if installed)")
             p.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def portable_path(path) -> str:
+    """``path`` relative to the checkout (the working directory) where it lies in it or beside
+    it, as ``../shared/data/...`` does, so that a plan names its data on every machine."""
+    import os
+
+    rel = os.path.relpath(Path(path).resolve(), Path.cwd().resolve())
+    return str(path) if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel
 
 
 def _out(args) -> Path:
@@ -151,7 +165,7 @@ def _plan(args, weights_needed: bool):
     data = resolve_data(args.data)
     dataset = load_dataset(data)
     plan = build_plan(scale, config, dataset.trajectories.astype("float64"), args.budget,
-                      str(data))
+                      portable_path(data))
     plan.spent, plan.dtype, plan.dtype_note = _spent(scale, out), dtype, note
     plan.check()
     return plan, weights, data
@@ -288,7 +302,8 @@ def _run(args) -> int:
     if plan.scale.rungs and args.dtype is not None:
         raise QwenliteError("a halving sweep runs every experiment in its plan's dtype "
                             f"({plan.scale.dtype}); leave out --dtype")
-    ctx = Context(out, plan, str(weights), str(data), args.device, args.dtype or "fp32",
+    dtype = pick_dtype(args.dtype, resolve_device(args.device)) if args.dtype else "fp32"
+    ctx = Context(out, plan, str(weights), str(data), args.device, dtype,
                   progress=not args.no_progress, track=args.track)
     results = run_sweep(ctx, jobs=args.jobs, only=only)
     print(f"{len(results)} of {len(plan.experiments)} experiments done in {out}"

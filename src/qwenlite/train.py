@@ -21,6 +21,7 @@ from qwenlite.cli import (
     one_line_text,
     positive_float,
     positive_int,
+    pick_dtype,
     resolve_device,
     resolve_dtype,
     resolve_weights,
@@ -88,6 +89,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def recorded_dtype(run_dir: Path) -> str | None:
+    """The dtype a run directory's run trained in (None for a new run): ``--dtype auto`` resumes
+    in it, whatever this machine would pick."""
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        return None
+    return read_json_object(config_file, "run config", CheckpointError).get("dtype")
+
+
 def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
     """Refuse to reuse a run directory that holds a run with other settings."""
     config_file = run_dir / "config.json"
@@ -125,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.rank and not cfg.logit_bias:
         raise QwenliteError("--rank 0 trains nothing: add --logit-bias or give a rank >= 1")
     device = resolve_device(args.device)
-    warn_if_slow_bf16(resolve_dtype(cfg.dtype), device)
     default_dir = f"runs/lora-r{cfg.rank}-lr{cfg.lr:g}-ctx{cfg.context}"
     run_dir = check_dir_creatable(args.out or default_dir, "run directory")
+    cfg.dtype = recorded_dtype(run_dir) if args.dtype == "auto" else args.dtype
+    cfg.dtype = pick_dtype(cfg.dtype or "auto", device)
+    warn_if_slow_bf16(resolve_dtype(cfg.dtype), device)
     ledger = Ledger(args.ledger, budget=args.budget)
     ledger.check()
     cfg.weights = str(resolve_weights(args.weights))

@@ -32,13 +32,23 @@ from qwenlite.accel import settings
 _cache = WeakTensorKeyDictionary()
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return set(value.split())
+    return set()
+
+
 @functools.cache
 def cpu_lacks_bf16() -> bool:
     """True on an x86 Linux CPU with AVX2 but without AVX512-BF16/AMX-BF16."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx2" in flags and "avx512_bf16" not in flags and "amx_bf16" not in flags
 
 
@@ -47,11 +57,7 @@ def has_bf16_units(device_type: str = "cpu") -> bool:
     ``/proc/cpuinfo`` lists AVX512-BF16 or AMX-BF16 (or ARM's bf16 extension)."""
     if device_type in ("cuda", "mps"):
         return True
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def bf16_matmul_mode() -> str:

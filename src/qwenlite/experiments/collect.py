@@ -48,6 +48,7 @@ class Sweep:
     choices: dict
     ledgers: dict[str, dict]  # source -> the ledger's raw JSON
     extra: dict[str, Path]  # other committed experiments with a ledger: name -> directory
+    nested: set[str] = dataclasses.field(default_factory=set)  # extras that are sweeps
 
     @property
     def names(self) -> list[str]:
@@ -89,7 +90,7 @@ class Sweep:
         rows: dict[tuple[str, str], LedgerRow] = {}
         for source, book in self.ledgers.items():
             for key, entry in book["entries"].items():
-                name = experiment_of(key, entry, source)
+                name = experiment_of(key, entry, source, source in self.nested)
                 row = rows.setdefault((source, name), LedgerRow(name, source))
                 if entry.get("kind") == "train":
                     row.train += int(entry["flops"])
@@ -104,13 +105,15 @@ class Sweep:
                    for e in book["entries"].values())
 
 
-def experiment_of(key: str, entry: dict, source: str) -> str:
+def experiment_of(key: str, entry: dict, source: str, nested: bool = False) -> str:
     """The experiment a ledger entry belongs to: the sweep's keys are
-    ``./<experiment>/<train|eval-val|eval-test>``; another ledger's entries all belong to its
-    own directory's experiment (``source``)."""
-    if source == "sweep":
+    ``./<experiment>/<train|eval-val|eval-test>``; a sweep below it (``nested``, e.g. the
+    halving sweep) names its own as ``<source>/<experiment>``; another ledger's entries all
+    belong to its own directory's experiment (``source``)."""
+    if source == "sweep" or nested:
         parts = [p for p in Path(key).parts if p != "."]
-        return parts[0] if parts else key
+        name = parts[0] if parts else key
+        return name if source == "sweep" else f"{source}/{name}"
     return source
 
 
@@ -131,4 +134,5 @@ def load_sweep(root: str | Path) -> Sweep:
         if (sub / LEDGER).is_file():
             ledgers[sub.name] = Ledger(sub / LEDGER).load()
             extra[sub.name] = sub
-    return Sweep(root, plan, results, choices, ledgers, extra)
+    nested = {name for name, sub in extra.items() if (sub / PLAN).is_file()}
+    return Sweep(root, plan, results, choices, ledgers, extra, nested)

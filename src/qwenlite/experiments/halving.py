@@ -183,7 +183,9 @@ def decide_dtype(out, plan, results: dict[str, dict], device_type: str = "cpu") 
     if path.is_file():
         return read_json_object(path, "sweep dtype")
     if plan.scale.dtype != "auto":
-        return {"dtype": plan.scale.dtype, "rule": "set by the scale"}
+        decision = {"dtype": plan.scale.dtype, "rule": "set by the scale"}
+        atomic_write_text(path, json.dumps(decision, indent=2) + "\n")
+        return decision
     names = [f"zeroshot-{d}" for d in DTYPES]
     if any(n not in results for n in names):
         return None

@@ -145,7 +145,8 @@ def flops_numbers(n: Numbers, sweep: Sweep) -> str:
     n["ledger.total"], n["ledger.share"] = sci(total), pct(total / BUDGET, 2)
     n["ledger.train"], n["ledger.eval"] = sci(total_train), sci(total_eval)
     n["ledger.sweep"] = sci(sum(r.total for r in ledger_rows if r.source == "sweep"))
-    n["ledger.other"] = sci(sum(r.total for r in ledger_rows if r.source != "sweep"))
+    n["ledger.other"] = sci(sum(r.total for r in ledger_rows
+                                if r.source != "sweep" and r.source not in sweep.nested))
     n["ledger.pendingflops"], n["ledger.npending"] = sci(planned), len(pending)
     n["ledger.projected"] = sci(total + planned)
     n["ledger.projectedshare"] = pct((total + planned) / BUDGET, 1)

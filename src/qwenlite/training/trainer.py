@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qwenlite import rates
 from qwenlite.errors import QwenliteError
 from qwenlite.io import atomic_write_text
 from qwenlite.training.checkpoint import Origin, load_checkpoint, save_checkpoint
@@ -249,9 +250,13 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
+        from tqdm import tqdm
+
         self.model.eval()
         total, weight = 0.0, 0.0
-        for i in range(0, len(self.val_ids), self.cfg.batch):
+        starts = range(0, len(self.val_ids), self.cfg.batch)
+        for i in tqdm(starts, desc="validation", unit="batch", leave=False,
+                      disable=not self.progress, dynamic_ncols=True):
             ids = self.val_ids[i:i + self.cfg.batch].to(self.device)
             mask = None if self.val_mask is None else self.val_mask[i:i + self.cfg.batch].to(
                 self.device)
@@ -287,6 +292,9 @@ class Trainer:
               f"{len(self.train_windows.input_ids)} windows of {cfg.context} tokens, "
               f"{fmt_flops(self.step_flops)} FLOPS/step (3x forward rule), "
               f"plan {fmt_flops(planned)} FLOPS", file=sys.stderr)
+        print(rates.start_line(f"training to step {cfg.max_steps}", "train", planned,
+                               self.ledger.budget, cfg.dtype, self.device,
+                               self.model), file=sys.stderr)
         metrics = open(self.run_dir / "metrics.jsonl", "a")
         bar = tqdm(total=cfg.max_steps, initial=start, disable=not self.progress,
                    unit="step", dynamic_ncols=True)
@@ -333,5 +341,6 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
+        rates.record("train", cfg.dtype, self.device, self.model, planned, time.perf_counter() - t0)
         return {"step": cfg.max_steps, "val_loss": last_val,
                 "flops": self.flops_at(cfg.max_steps, evals)}

@@ -1,0 +1,149 @@
+"""The report's numbers and table for the halving sweep (``report/results/halving``): the
+decisive experiment, told as far as it has run.
+
+``h.*`` keys: its progress and FLOPS, the calibration (the paired fp32/bf16 zero-shot comparison
+that chose the dtype, the step times measured on each CPU), what the grammar changed, and for
+every experiment its validation MAE overall, over the first and last quarter of the horizon, and
+paired against the zero-shot model on the same systems. ``table-halving.tex`` tables them. A
+sweep directory without a halving sweep gives every key as *pending*.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from qwenlite.experiments.latex import Numbers, fixed, pct, sci, tabular, tex_escape
+
+PENDING = r"\textit{pending}"
+SUB = "halving"
+KEYS = ("n", "done", "planned", "plannedshare", "spent", "spentshare", "valsystems",
+        "testsystems", "rungs", "keep", "branchsteps", "finalsteps", "checkpoints", "dtype",
+        "dtype.diff", "dtype.lo", "dtype.hi", "dtype.ties", "dtype.n", "dtype.fp32", "dtype.bf16",
+        "cal.cpu", "cal.bf16step", "cal.fp32step", "zs.masked", "zs.valmae", "zs.valmedian",
+        "zs.early", "zs.late", "trained", "better", "worse", "best.name", "best.steps", "best.valmae",
+        "best.early", "best.late", "best.diff", "best.lo", "best.hi", "best.lower")
+
+
+def _pending(n: Numbers) -> str:
+    for key in KEYS:
+        n[f"h.{key}"] = PENDING
+    return "% the halving sweep has not started\n"
+
+
+def _quarters(pred: dict) -> tuple[float, float]:
+    err = np.abs(pred["pred_qwen"] - pred["truth"])  # (S, h, V)
+    q = max(1, err.shape[1] // 4)
+    return float(np.nanmean(err[:, :q])), float(np.nanmean(err[:, -q:]))
+
+
+def _best(n: Numbers, trained: list) -> None:
+    """``h.trained``, ``h.better``/``h.worse`` (runs whose paired interval against zero-shot lies
+    below/above 0)
+    and ``h.best.*``: the trained run of lowest validation MAE, by horizon and paired."""
+    n["h.trained"] = len(trained)
+    n["h.better"] = sum(1 for t in trained if t[5] is not None and t[5]["ci"][1] < 0)
+    n["h.worse"] = sum(1 for t in trained if t[5] is not None and t[5]["ci"][0] > 0)
+    if not trained:
+        for key in ("name", "steps", "valmae", "early", "late", "diff", "lo", "hi", "lower"):
+            n[f"h.best.{key}"] = PENDING
+        return
+    mae, name, steps, early, late, p, lower = min(trained, key=lambda t: t[0])
+    n["h.best.name"], n["h.best.steps"] = tex_escape(name), f"{steps:,}"
+    n["h.best.valmae"], n["h.best.early"], n["h.best.late"] = fixed(mae), fixed(early), fixed(late)
+    for key, value in (("diff", p and f"{p['mean']:+.3f}"), ("lo", p and f"{p['ci'][0]:+.3f}"),
+                       ("hi", p and f"{p['ci'][1]:+.3f}"), ("lower", lower)):
+        n[f"h.best.{key}"] = PENDING if value is None else value
+
+
+def halving_numbers(n: Numbers, results: Path) -> str:
+    """Fill ``h.*`` from ``results/halving`` and return its table (see the module docstring)."""
+    from qwenlite.evaluation.metrics import paired_difference
+    from qwenlite.experiments.calibration import load as load_calibration
+    from qwenlite.experiments.collect import PLAN, load_sweep
+    from qwenlite.experiments.halving import DTYPE_FILE
+    from qwenlite.experiments.trends import system_mae
+    from qwenlite.io import read_json_object
+
+    root = results / SUB
+    if not (root / PLAN).is_file():
+        return _pending(n)
+    sweep = load_sweep(root)
+    plan, s = sweep.plan, sweep.plan["scale"]
+    n["h.n"], n["h.done"] = len(sweep.names), len(sweep.results)
+    n["h.planned"] = sci(plan["total_flops"])
+    n["h.plannedshare"] = pct(plan["total_flops"] / plan["budget"], 1)
+    spent = sweep.ledger_total()
+    n["h.spent"], n["h.spentshare"] = sci(spent), pct(spent / plan["budget"], 2)
+    n["h.valsystems"], n["h.testsystems"] = s["val_systems"], s["test_systems"]
+    n["h.rungs"] = ", ".join(f"{x:,}" for x in s["rungs"])
+    n["h.keep"], n["h.branchsteps"] = s["keep"], f"{s['branch_steps']:,}"
+    n["h.finalsteps"] = f"{s['final_steps']:,}"
+    n["h.checkpoints"] = ", ".join(f"{x:,}" for x in s["checkpoints"])
+    d = read_json_object(root / DTYPE_FILE, "dtype") if (root / DTYPE_FILE).is_file() else {}
+    n["h.dtype"] = d.get("dtype", PENDING)
+    diff = d.get("bf16_minus_fp32_mae")
+    for key, value in (("diff", diff and f"{diff['mean']:+.4f}"),
+                       ("lo", diff and f"{diff['ci'][0]:+.4f}"),
+                       ("hi", diff and f"{diff['ci'][1]:+.4f}"),
+                       ("ties", diff and diff["ties"]), ("n", diff and diff["n"]),
+                       ("fp32", diff and fixed(d["fp32_mae"])),
+                       ("bf16", diff and fixed(d["bf16_mae"]))):
+        n[f"h.dtype.{key}"] = PENDING if value is None else value
+    timings = load_calibration(root)["timings"]
+    last = timings[-1] if timings else None
+    n["h.cal.cpu"] = tex_escape(last["machine"]["cpu"]) if last else PENDING
+    for dtype in ("bf16", "fp32"):
+        t = last["train"].get(dtype) if last else None
+        n[f"h.cal.{dtype}step"] = f"{statistics.median(t['step_seconds']):.1f}" if t else PENDING
+    zs_name = f"zeroshot-{d['dtype']}" if d else None
+    zs = sweep.evaluation(zs_name, "val") if zs_name else None
+    if zs:
+        parse = zs["results"]["qwen"]["parse"]
+        n["h.zs.masked"] = pct(parse.get("masked_step_rate", 0.0), 2)
+        n["h.zs.valmae"] = fixed(zs["results"]["qwen"]["original"]["metrics"]["overall"]["mae"])
+        n["h.zs.valmedian"] = fixed(zs["results"]["qwen"]["original"]["systems"]["mae"]["median"])
+    else:
+        for key in ("masked", "valmae", "valmedian"):
+            n[f"h.zs.{key}"] = PENDING
+    base = system_mae(sweep, zs_name, "val") if zs_name else None
+    zs_pred = sweep.predictions(zs_name, "val") if zs_name else None
+    zs_quarters = _quarters(zs_pred) if zs_pred is not None else (None, None)
+    for key, value in zip(("early", "late"), zs_quarters):
+        n[f"h.zs.{key}"] = PENDING if value is None else fixed(value)
+    trained: list[tuple[float, str, int, float, float, dict | None, int | None]] = []
+    rows, rules, last_stage = [], [], None
+    for e in plan["experiments"]:
+        name, r = e["name"], sweep.results.get(e["name"])
+        if e["stage"] in ("calibration", "zeroshot", "test"):
+            continue
+        if last_stage is not None and e["stage"] != last_stage:
+            rules.append(len(rows) - 1)
+        last_stage = e["stage"]
+        st = r["settings"] if r else e
+        parent = st.get("parent") or "--"
+        cells = [tex_escape(name), f"{e['steps']:,}", tex_escape(parent)]
+        cells += [f"{st['lr']:g}" if st.get("lr") else PENDING,
+                  str(st["rank"]) if st.get("rank") is not None else PENDING,
+                  str(st["context"]) if st.get("context") else PENDING]
+        pred = sweep.predictions(name, "val") if r else None
+        if pred is None:
+            rows.append(cells + [PENDING] * 4)
+            continue
+        early, late = _quarters(pred)
+        mine = system_mae(sweep, name, "val")
+        cmp, p, lower = "--", None, None
+        if base is not None and np.array_equal(base[0], mine[0]):
+            p = paired_difference(mine[1], base[1])
+            cmp = f"{p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
+            lower = int((np.asarray(mine[1]) < np.asarray(base[1])).sum())
+        trained.append((r["val"]["mae"], name, e["steps"], early, late, p, lower))
+        rows.append(cells + [fixed(r["val"]["mae"]), fixed(early), fixed(late), cmp])
+    _best(n, trained)
+    if not rows:
+        return "% no trained experiment in the halving sweep\n"
+    return tabular("lrlrrrrrrl", ["experiment", "steps", "continues", "lr", "rank", "context",
+                                  "val MAE", "early", "late", r"$-$ zero-shot [95\% CI]"],
+                   rows, tuple(rules))
