@@ -125,15 +125,12 @@ def add_weights_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_data_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        metavar="PATH",
-        type=existing_file,
-        default=None,
-        help="HDF5 file with /trajectories (N, T, 2) and /time (T,) "
-        "(default: the project's simulated Lotka-Volterra dataset, generated on first use)",
-    )
+DATA_HELP = ("HDF5 file with /trajectories (N, T, 2) and /time (T,) "
+             "(default: the project's simulated Lotka-Volterra dataset, generated on first use)")
+
+
+def add_data_arg(parser: argparse.ArgumentParser, help: str = DATA_HELP) -> None:
+    parser.add_argument("--data", metavar="PATH", type=existing_file, default=None, help=help)
 
 
 #: ``--dtype`` choices: ``auto`` and the dtypes of :data:`~qwenlite.model.config.DTYPES`.
@@ -159,7 +156,7 @@ def pick_dtype(name: str, device: torch.device | str) -> str:
     from qwenlite.accel.emulation import has_bf16_units
 
     if name != "auto":
-        return {"float32": "fp32", "bfloat16": "bf16"}.get(name, name)
+        return name
     return "bf16" if has_bf16_units(torch.device(device).type) else "fp32"
 
 

@@ -32,7 +32,13 @@ def build_parser():
 
 def _main(argv: list[str] | None) -> int:
     from qwenlite.accel import for_device
-    from qwenlite.cli import pick_dtype, resolve_device, resolve_dtype, resolve_weights, warn_if_slow_bf16
+    from qwenlite.cli import (
+        pick_dtype,
+        resolve_device,
+        resolve_dtype,
+        resolve_weights,
+        warn_if_slow_bf16,
+    )
     from qwenlite.data.tokenizer import Tokenizer
     from qwenlite.model.loading import load_model
 

@@ -46,12 +46,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--tex", type=existing_file, default=None,
                         help="the report's source to check (default report/main.tex, if any)")
     add_weights_arg(parser)
-    add_data_arg(parser)
-    parser.set_defaults(data=None)
-    for action in parser._actions:  # the report's data defaults to the sweep's, not the project's
-        if action.dest == "data":
-            action.help = ("HDF5 dataset of the LLMTIME examples (default: the one "
-                           "RESULTS/plan.json records, the sweep's)")
+    add_data_arg(parser, help="HDF5 dataset of the LLMTIME examples (default: the one "
+                              "RESULTS/plan.json records, the sweep's)")
     parser.add_argument("--tokenizer", type=existing_file, default=None,
                         help="tokenizer.json for the LLMTIME examples (default: the weights')")
     parser.add_argument("--pdf", action="store_true", help="then build main.pdf with latexmk")
@@ -92,6 +88,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     from qwenlite.experiments import method
     from qwenlite.experiments import report as R
     from qwenlite.experiments.collect import load_sweep
+    from qwenlite.experiments.decisive import halving_numbers
     from qwenlite.experiments.latex import Numbers
     from qwenlite.experiments.markdown import results_markdown
     from qwenlite.experiments.plan import CONTEXTS, RANKS, SCALES, build_plan
@@ -131,8 +128,6 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     method.training_numbers(n, config, dataset.trajectories, split.train, settings, tokenizer,
                             sorted({*CONTEXTS, *scale["contexts"]}),
                             sorted({*RANKS, *scale["ranks"]}))
-    from qwenlite.experiments.decisive import halving_numbers
-
     tables = {"experiments": R.results_table(sweep), "baselines": R.baseline_numbers(n, sweep),
               "halving": halving_numbers(n, Path(results)),
               "flops": R.flops_numbers(n, sweep),

@@ -19,9 +19,9 @@ from qwenlite.cli import (
     nonnegative_int,
     number_type,
     one_line_text,
+    pick_dtype,
     positive_float,
     positive_int,
-    pick_dtype,
     resolve_device,
     resolve_dtype,
     resolve_weights,
@@ -89,25 +89,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def recorded_dtype(run_dir: Path) -> str | None:
-    """The dtype a run directory's run trained in (None for a new run): ``--dtype auto`` resumes
-    in it, whatever this machine would pick."""
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        return None
-    return read_json_object(config_file, "run config", CheckpointError).get("dtype")
-
-
-def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse to reuse a run directory that holds a run with other settings."""
+def recorded_config(run_dir: Path) -> TrainConfig | None:
+    """The settings of the run a run directory holds (None for a new run)."""
     config_file = run_dir / "config.json"
     if not config_file.exists():
-        return
+        return None
     raw = read_json_object(config_file, "run config", CheckpointError)
     try:
-        old = TrainConfig.from_dict(raw)
+        return TrainConfig.from_dict(raw)
     except TypeError as exc:
         raise CheckpointError(f"{config_file} is unreadable ({exc})") from None
+
+
+def check_resumable(cfg: TrainConfig, old: TrainConfig | None, run_dir: Path) -> None:
+    """Refuse to reuse a run directory that holds a run (``old``) with other settings."""
+    if old is None:
+        return
     diff = [f.name for f in dataclasses.fields(cfg) if f.name not in TrainConfig.RESUMABLE
             and getattr(old, f.name) != getattr(cfg, f.name)
             and not (f.name.endswith("_id") and not getattr(old, f.name))]  # a run from before ids
@@ -137,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     default_dir = f"runs/lora-r{cfg.rank}-lr{cfg.lr:g}-ctx{cfg.context}"
     run_dir = check_dir_creatable(args.out or default_dir, "run directory")
-    cfg.dtype = recorded_dtype(run_dir) if args.dtype == "auto" else args.dtype
-    cfg.dtype = pick_dtype(cfg.dtype or "auto", device)
+    old = recorded_config(run_dir)
+    # --dtype auto resumes a run in its recorded dtype, whatever this machine would pick
+    cfg.dtype = pick_dtype(old.dtype if old and args.dtype == "auto" else args.dtype, device)
     warn_if_slow_bf16(resolve_dtype(cfg.dtype), device)
     ledger = Ledger(args.ledger, budget=args.budget)
     ledger.check()
@@ -146,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.data = str(resolve_data(args.data))
     cfg.weights_id = checkpoint_id(cfg.weights)["sha256"]
     cfg.data_id = file_id(cfg.data)
-    check_resumable(cfg, run_dir)
+    check_resumable(cfg, old, run_dir)
     result = Trainer(cfg, run_dir, device, ledger, progress=not args.no_progress).run()
     summary = {k: v for k, v in result.items() if v is not None}
     print(json.dumps({"run_dir": str(run_dir), **summary}))

@@ -29,14 +29,15 @@ def machine() -> dict:
     """The CPU this runs on: its model name, the vector and bf16 flags, the cores torch uses."""
     import torch
 
-    model, flags = "unknown", set()
+    from qwenlite.accel.emulation import cpu_flags
+
+    model, flags = "unknown", cpu_flags()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
+            if key.strip() == "model name":
                 model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+                break
     except OSError:
         pass
     return {"cpu": model, "flags": [f for f in FLAGS if f in flags],
