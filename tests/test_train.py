@@ -263,3 +263,18 @@ def test_the_start_line_estimates_from_the_last_run_here(setup, tmp_path, capsys
     assert second != rate  # the second run's rate replaced the first's, and estimates from now on
     assert rates.estimate("train", 1e12, "fp32", "cpu", model)[0] == pytest.approx(1e12 / second)
     assert rates.recorded("train", "bf16", "cpu", model) is None  # another dtype: not timed yet
+
+
+def test_metrics_gap_finds_steps_the_log_lost_but_the_checkpoint_holds(tmp_path):
+    from qwenlite.training.trainer import metrics_gap
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"step": 0, "val_loss": 1.0}] + [{"step": s, "loss": 0.5} for s in range(1, 11)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert metrics_gap(path, 10) is None
+    assert metrics_gap(path, 0) is None
+    assert metrics_gap(path, 14) == (11, 14)          # the log stops before the checkpoint
+    holed = [x for x in lines if not 4 <= x["step"] <= 6] + [{"step": 6, "val_loss": 0.9}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in holed))
+    assert metrics_gap(path, 10) == (4, 6)            # a validation line is not a step line
+    assert metrics_gap(tmp_path / "absent.jsonl", 10) is None

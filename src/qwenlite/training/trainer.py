@@ -35,6 +35,31 @@ from qwenlite.training.ledger import Ledger, fmt_flops
 from qwenlite.training.loss import linear_cross_entropy
 
 
+def metrics_gap(path: Path, step: int) -> tuple[int, int] | None:
+    """The first run of training steps in ``1..step`` that ``metrics.jsonl`` has no line for.
+
+    A run's log and its checkpoint are written separately, so a log restored or cut apart
+    from its checkpoint can lose steps that the checkpoint holds; the caller says so.
+    """
+    if step <= 0 or not path.exists():
+        return None
+    seen = set()
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if "loss" in record:
+            seen.add(record["step"])
+    first = next((s for s in range(1, step + 1) if s not in seen), None)
+    if first is None:
+        return None
+    end = first
+    while end + 1 <= step and end + 1 not in seen:
+        end += 1
+    return first, end
+
+
 @dataclass
 class TrainConfig:
     """Settings of a training run (saved as ``config.json`` in the run directory)."""
@@ -284,6 +309,11 @@ class Trainer:
                          context=cfg.context, batch=cfg.batch)
         self.write_run_files()
         self._truncate_metrics(start if evals else -1)
+        gap = metrics_gap(self.run_dir / "metrics.jsonl", start)
+        if gap:
+            print(f"warning: {self.run_dir}/metrics.jsonl has no records for steps "
+                  f"{gap[0]}..{gap[1]} though the checkpoint is at step {start}; training "
+                  f"goes on from the checkpoint, the curve keeps the gap", file=sys.stderr)
         if start >= cfg.max_steps:
             self._record(start, evals)  # a kill after the last checkpoint, before its record
             print(f"{self.run_dir}: already trained for {start} steps (max {cfg.max_steps})")
