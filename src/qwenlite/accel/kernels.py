@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from qwenlite.accel import packing, skinny
+from qwenlite.accel import autocast, packing, skinny
 from qwenlite.accel.emulation import (
     SKINNY_ROWS,
     FrozenLinear,
@@ -127,12 +127,13 @@ def _decode_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` with bf16 semantics on the fp32 units where :func:`emulating`; a decode
-    step's few rows on the CPU through :func:`_decode_linear`."""
+    step's few rows on the CPU through :func:`_decode_linear`; a frozen fp32 weight under CPU
+    bf16 autocast through its kept bf16 copy (:mod:`~qwenlite.accel.autocast`)."""
     emulate = emulating(x)
     if _decode_route(x, weight, bias, emulate):
         return _decode_linear(x, weight, bias)
-    if not emulate:
-        return F.linear(x, weight, bias)
+    if not emulate:  # under CPU bf16 autocast, frozen weights from their kept bf16 copies
+        return F.linear(x, autocast.bf16_copy(weight), autocast.bf16_copy(bias))
     if not autograd(weight, bias):
         return FrozenLinear.apply(x, weight, bias)
     b = None if bias is None else as_bf16_fp32(bias)

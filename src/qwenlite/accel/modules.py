@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwenlite.accel import kernels, packing, skinny
+from qwenlite.accel import autocast, kernels, packing, skinny
 from qwenlite.accel.emulation import bf16_matmul_mode
 from qwenlite.accel.kernels import Linear
 from qwenlite.model.attention import Attention, KVCache
@@ -93,6 +93,7 @@ def apply(model: nn.Module) -> nn.Module:
 def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: the plain reference model again, in place (and returned)."""
     packing.clear_packed_weights()  # copies of weights a plain model no longer uses
+    autocast.clear()
     for module in model.modules():
         plain = _PLAIN.get(type(module))
         if plain is not None:

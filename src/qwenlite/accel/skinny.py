@@ -55,7 +55,7 @@ MAX_ROWS = 32
 MAX_OUTPUTS = 8  # the C++ side holds as many (``Out outs[8]``)
 _warned: set[str] = set()  # reasons already warned of, once a process
 SOURCES = tuple(Path(__file__).with_name(name) for name in
-                ("skinny.h", "skinny_linears.cpp", "skinny_attention.cpp"))
+                ("skinny.h", "skinny_linears.cpp", "skinny_attention.cpp", "xent.cpp"))
 """The kernel's source: a header both halves share, the few-row matmuls and the decode attention."""
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
@@ -145,6 +145,9 @@ class _Kernels:
         self.attention.argtypes = [p, i64, i64, p, p, i32, i64, i64, i64, p, i64, i64, p, i64,
                                    i64, i64, i64, i64, ctypes.c_float, i32]
         self.attention.restype = i32
+        self.xent = lib.qwenlite_xent_bf16
+        self.xent.argtypes = [p, i64, i64, i64, p, p, i32]
+        self.xent.restype = i32
 
 
 def _self_check(lib: _Kernels) -> bool:
@@ -152,7 +155,23 @@ def _self_check(lib: _Kernels) -> bool:
     that is not a multiple of 8 on both of their paths (K ≤ 1024 and above), column counts that
     leave tails, bf16 and fp32, with and without biases; attention over fp32 and bf16 keys, with
     and without a mask."""
-    return _linears_check(lib.linears) and _attention_check(lib)
+    return _linears_check(lib.linears) and _attention_check(lib) and _xent_check(lib)
+
+
+def _xent_check(lib: _Kernels) -> bool:
+    gen = torch.Generator().manual_seed(2)
+    for rows, vocab in ((3, 37), (5, 64), (2, 1003)):
+        logits = (4 * torch.randn(rows, vocab, generator=gen)).to(torch.bfloat16)
+        targets = torch.randint(0, vocab, (rows,), generator=gen)
+        ref_loss = torch.nn.functional.cross_entropy(logits.double(), targets, reduction="none")
+        ref_grad = torch.softmax(logits.double(), -1)
+        ref_grad[torch.arange(rows), targets] -= 1
+        grad = logits.clone()
+        loss = _xent_call(lib, grad, targets)
+        if (loss is None or not torch.allclose(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
+                or not torch.allclose(grad.double(), ref_grad, rtol=1e-2, atol=1e-6)):
+            return False
+    return True
 
 
 def _attention_check(lib: _Kernels) -> bool:
@@ -344,3 +363,30 @@ def _call(fn, x, weights, biases, out_dtype):
         raise ValueError(f"the decode kernel refused its arguments: x {tuple(x.shape)}, weights "
                          f"{[tuple(w.shape) for w in weights]}")
     return outs
+
+
+def xent_available() -> bool:
+    """Whether :func:`xent_bf16` runs here (the library built and checked on the first call).
+    It serves wherever the library runs, AVX-512 CPUs included: unlike the decode kernels it
+    has no oneDNN counterpart, only torch's passes over fp32 copies of the logits."""
+    return _load()[0] is not None
+
+
+def xent_bf16(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+    """Softmax cross-entropy of each row of ``logits`` (rows, V) bf16, unit stride along V,
+    against ``targets`` (rows,) int64, in fp32: returns the (rows,) losses and overwrites
+    ``logits`` in place with ``softmax − onehot`` in bf16 (their gradient). None where it does
+    not take them (and ``logits`` is untouched); :func:`xent_available` must be true."""
+    lib, _ = _load()
+    return _xent_call(lib, logits, targets)
+
+
+def _xent_call(lib, logits, targets):
+    if (logits.dim() != 2 or logits.dtype != torch.bfloat16 or logits.device.type != "cpu"
+            or logits.stride(-1) != 1 or targets.shape != logits.shape[:1]):
+        return None
+    targets = targets.to(torch.int64).contiguous()
+    loss = torch.empty(logits.shape[0], dtype=torch.float32)
+    rc = lib.xent(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0),
+                  targets.data_ptr(), loss.data_ptr(), torch.get_num_threads())
+    return loss if rc == 0 else None
