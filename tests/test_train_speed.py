@@ -137,3 +137,87 @@ def test_frozen_weights_under_autocast_read_a_kept_bf16_copy_bit_for_bit():
         assert autocast.bf16_copy(trainable) is trainable  # autocast casts it, keeping the graph
     autocast.clear()
     assert not autocast.is_kept(layer.weight)
+
+
+def test_swiglu_kernel_is_torchs_gating_bit_for_bit(xent):
+    from qwenlite.accel import fused
+
+    gen = torch.Generator().manual_seed(4)
+    gate = (3 * torch.randn(5, 1003, generator=gen)).to(BF16).requires_grad_(True)
+    up = torch.randn(5, 1003, generator=gen).to(BF16).requires_grad_(True)
+    grad = torch.randn(5, 1003, generator=gen).to(BF16)
+    ours = fused.swiglu(gate, up)
+    theirs = F.silu(gate) * up
+    assert torch.equal(ours, theirs)
+    for a, b in zip(torch.autograd.grad(ours, (gate, up), grad),
+                    torch.autograd.grad(theirs, (gate, up), grad)):
+        assert (a == b).float().mean() > 0.999  # e^x within 2 ulp: a rare rounding apart
+        torch.testing.assert_close(a, b, rtol=8e-3, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(fused.swiglu(gate, up), theirs)
+    assert fused.swiglu(gate.float(), up.float()) is None
+    assert fused.swiglu(gate[:, ::2], up[:, ::2]) is None  # strided
+
+
+def test_rms_norm_kernel_equals_the_models_norm(xent):
+    from qwenlite.accel import fused
+    from qwenlite.model.norm import RMSNorm
+
+    gen = torch.Generator().manual_seed(5)
+    norm = RMSNorm(37, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(37, generator=gen))
+    norm.requires_grad_(False)
+    x = torch.randn(2, 9, 37, generator=gen, requires_grad=True)
+    grad = torch.randn(2, 9, 37, generator=gen)
+    ours = fused.rms_norm(x, norm.weight, norm.eps)
+    theirs = norm(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0],
+                               torch.autograd.grad(theirs, x, grad)[0], rtol=1e-5, atol=1e-6)
+    assert fused.rms_norm(x.to(BF16), norm.weight, 1e-5) is None
+    norm.requires_grad_(True)  # a trainable weight needs its gradient: torch's way
+    assert fused.rms_norm(x, norm.weight, 1e-5) is None
+
+
+def test_an_accelerated_bf16_training_step_uses_the_kernels_and_matches_the_plain_model(
+        xent, monkeypatch):
+    from qwenlite.accel import apply, fused
+    from qwenlite.model.config import QwenConfig
+    from qwenlite.model.loading import init_random
+    from qwenlite.training.lora import apply_lora
+    from qwenlite.training.trainer import lm_loss
+
+    config = QwenConfig(vocab_size=300, hidden_size=64, intermediate_size=136,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=128, tie_word_embeddings=True)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(6))
+
+    def step(accelerated: bool):
+        torch.manual_seed(0)
+        model = init_random(config, seed=0)
+        if accelerated:
+            apply(model)
+        apply_lora(model, r=4, alpha=8)
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.05)  # B too: a non-zero update to compare
+        with torch.autocast("cpu", dtype=BF16):
+            loss = lm_loss(model, ids, None)
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    seen = {"swiglu": 0, "norm": 0, "xent": 0}
+    for name, attr in (("swiglu", "swiglu"), ("norm", "rms_norm")):
+        real = getattr(fused, attr)
+        monkeypatch.setattr(fused, attr, lambda *a, _r=real, _n=name: (
+            seen.__setitem__(_n, seen[_n] + 1), _r(*a))[1])
+    real_xent = skinny.xent_bf16
+    monkeypatch.setattr(skinny, "xent_bf16", lambda *a: (
+        seen.__setitem__("xent", seen["xent"] + 1), real_xent(*a))[1])
+    loss, grads = step(accelerated=True)
+    assert seen == {"swiglu": 2, "norm": 5, "xent": 1}
+    plain_loss, plain_grads = step(accelerated=False)
+    torch.testing.assert_close(loss, plain_loss, rtol=2e-3, atol=2e-3)
+    for g, p in zip(grads, plain_grads):
+        assert torch.nn.functional.cosine_similarity(g.flatten(), p.flatten(), dim=0) > 0.99

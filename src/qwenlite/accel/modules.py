@@ -3,7 +3,8 @@
 :mod:`qwenlite.model` defines the steps a backend may override — :meth:`Attention.project_qkv
 <qwenlite.model.attention.Attention.project_qkv>`, :meth:`Attention.attend
 <qwenlite.model.attention.Attention.attend>`, :meth:`SwiGLU.project_gate_up
-<qwenlite.model.mlp.SwiGLU.project_gate_up>`, ``nn.Linear.forward`` and the model's
+<qwenlite.model.mlp.SwiGLU.project_gate_up>` and :meth:`~qwenlite.model.mlp.SwiGLU.gate_values`,
+``RMSNorm.forward``, ``nn.Linear.forward`` and the model's
 ``cache_factory`` — and never imports this package. :func:`apply` swaps each module's class for
 the subclass here (they add no state, so parameters, state dicts and hooks are untouched) and
 sets the cache factory; :func:`remove` swaps them back.
@@ -14,12 +15,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qwenlite.accel import autocast, kernels, packing, skinny
+from qwenlite.accel import autocast, fused, kernels, packing, skinny
 from qwenlite.accel.emulation import bf16_matmul_mode
 from qwenlite.accel.kernels import Linear
 from qwenlite.model.attention import Attention, KVCache
 from qwenlite.model.decoder import QwenForCausalLM
 from qwenlite.model.mlp import SwiGLU
+from qwenlite.model.norm import RMSNorm
 
 
 class WideKVCache(KVCache):
@@ -64,15 +66,29 @@ class AcceleratedAttention(Attention):
 
 
 class AcceleratedSwiGLU(SwiGLU):
-    """Gate and up projected in one call (:func:`~qwenlite.accel.kernels.linears`)."""
+    """Gate and up projected in one call (:func:`~qwenlite.accel.kernels.linears`), the bf16
+    gating in one pass each way (:func:`~qwenlite.accel.fused.swiglu`)."""
 
     def project_gate_up(self, x):
         return kernels.linears(x, (self.gate_proj, self.up_proj))
 
+    def gate_values(self, gate, up):
+        out = fused.swiglu(gate, up)
+        return super().gate_values(gate, up) if out is None else out
+
+
+class AcceleratedRMSNorm(RMSNorm):
+    """An fp32 norm with a frozen weight in one pass each way
+    (:func:`~qwenlite.accel.fused.rms_norm`)."""
+
+    def forward(self, x):
+        out = fused.rms_norm(x, self.weight, self.eps)
+        return super().forward(x) if out is None else out
+
 
 #: plain class -> accelerated subclass
 SWAPS: dict[type, type] = {nn.Linear: Linear, Attention: AcceleratedAttention,
-                           SwiGLU: AcceleratedSwiGLU}
+                           SwiGLU: AcceleratedSwiGLU, RMSNorm: AcceleratedRMSNorm}
 _PLAIN = {fast: plain for plain, fast in SWAPS.items()}
 
 

@@ -55,7 +55,8 @@ MAX_ROWS = 32
 MAX_OUTPUTS = 8  # the C++ side holds as many (``Out outs[8]``)
 _warned: set[str] = set()  # reasons already warned of, once a process
 SOURCES = tuple(Path(__file__).with_name(name) for name in
-                ("skinny.h", "skinny_linears.cpp", "skinny_attention.cpp", "xent.cpp"))
+                ("skinny.h", "skinny_linears.cpp", "skinny_attention.cpp", "xent.cpp",
+                 "elementwise.cpp"))
 """The kernel's source: a header both halves share, the few-row matmuls and the decode attention."""
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
@@ -148,6 +149,19 @@ class _Kernels:
         self.xent = lib.qwenlite_xent_bf16
         self.xent.argtypes = [p, i64, i64, i64, p, p, i32]
         self.xent.restype = i32
+        f32 = ctypes.c_float
+        self.swiglu_fwd = lib.qwenlite_swiglu_fwd
+        self.swiglu_fwd.argtypes = [p, p, p, i64, i32]
+        self.swiglu_fwd.restype = None
+        self.swiglu_bwd = lib.qwenlite_swiglu_bwd
+        self.swiglu_bwd.argtypes = [p, p, p, p, p, i64, i32]
+        self.swiglu_bwd.restype = None
+        self.rmsnorm_fwd = lib.qwenlite_rmsnorm_fwd
+        self.rmsnorm_fwd.argtypes = [p, p, p, p, i64, i64, f32, i32]
+        self.rmsnorm_fwd.restype = None
+        self.rmsnorm_bwd = lib.qwenlite_rmsnorm_bwd
+        self.rmsnorm_bwd.argtypes = [p, p, p, p, p, i64, i64, i32]
+        self.rmsnorm_bwd.restype = None
 
 
 def _self_check(lib: _Kernels) -> bool:
@@ -155,7 +169,10 @@ def _self_check(lib: _Kernels) -> bool:
     that is not a multiple of 8 on both of their paths (K ≤ 1024 and above), column counts that
     leave tails, bf16 and fp32, with and without biases; attention over fp32 and bf16 keys, with
     and without a mask."""
-    return _linears_check(lib.linears) and _attention_check(lib) and _xent_check(lib)
+    from qwenlite.accel import fused
+
+    return (_linears_check(lib.linears) and _attention_check(lib) and _xent_check(lib)
+            and fused.self_check(lib))
 
 
 def _xent_check(lib: _Kernels) -> bool:
@@ -363,6 +380,13 @@ def _call(fn, x, weights, biases, out_dtype):
         raise ValueError(f"the decode kernel refused its arguments: x {tuple(x.shape)}, weights "
                          f"{[tuple(w.shape) for w in weights]}")
     return outs
+
+
+def library():
+    """The loaded library (built and checked on the first call), or None where it cannot
+    serve; for the training kernels (:mod:`~qwenlite.accel.fused`, :func:`xent_bf16`), which
+    serve wherever it runs."""
+    return _load()[0]
 
 
 def xent_available() -> bool:

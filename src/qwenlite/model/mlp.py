@@ -12,7 +12,8 @@ from qwenlite.model.counting import EXP, FlopCount, linear_flops
 class SwiGLU(nn.Module):
     """Gate and up projections without bias, SiLU gating, down projection without bias.
 
-    :meth:`project_gate_up` is the step a backend may override (:mod:`qwenlite.accel`)."""
+    :meth:`project_gate_up` and :meth:`gate_values` are the steps a backend may override
+    (:mod:`qwenlite.accel`)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -23,11 +24,15 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq, hidden) -> (batch, seq, hidden)."""
         gate, up = self.project_gate_up(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.gate_values(gate, up))
 
     def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (batch, seq, hidden) -> gate, up: (batch, seq, intermediate)."""
         return self.gate_proj(x), self.up_proj(x)
+
+    def gate_values(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """The SiLU-gated values ``silu(gate) * up`` that the down projection takes."""
+        return F.silu(gate) * up
 
     def flops(self, n_tokens: int) -> FlopCount:
         """Projections as matmuls; SiLU(g) = g / (1 + exp(−g)) is a negation, an exp, an add and
