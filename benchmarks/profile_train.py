@@ -1,7 +1,8 @@
 """Where a LoRA training step's time goes: torch.profiler over qwenlite's step, by kind of work.
 
-Loads the checkpoint as ``python -m qwenlite.train`` does (fp32 weights, the accelerated model,
-LoRA on q_proj/v_proj, bf16 under autocast for ``--dtype bf16``), runs warm-up steps, then
+Loads the checkpoint as ``python -m qwenlite.train`` does (glibc malloc keeping freed memory,
+fp32 weights, the accelerated model, LoRA on q_proj/v_proj, bf16 under autocast for ``--dtype
+bf16``), runs warm-up steps, then
 profiles whole optimizer steps (forward, fused LM-head loss, backward, AdamW). Printed per
 step: wall time, each kind of work's self time (matmuls, attention, dtype conversions,
 elementwise passes, the loss's softmax, the optimizer, …) with its share, the top operators,
@@ -151,6 +152,9 @@ def main() -> None:
     from qwenlite.flops import counting_model, train_step_flops
     from qwenlite.model import QwenConfig
 
+    from qwenlite.accel.memory import keep_freed_memory
+
+    keep_freed_memory()  # as python -m qwenlite.train does (cli.main_guard)
     weights = weights_from_args(args.weights)
     config = QwenConfig.from_json(weights / "config.json")
     rate = matmul_rate(DTYPES[args.dtype]) if args.rate else None
