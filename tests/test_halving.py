@@ -171,6 +171,20 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     assert n["h.done"] == n["h.n"] == str(len(names)) and n["h.dtype"] == "fp32"
     assert "pending" not in table and table.count(r"\\") == len(names) - 4 + 1  # + header
     assert n["h.dtype.diff"] == r"\textit{pending}"  # the scale set the dtype: no comparison
+    # continued runs against the runs they continue, and the figure of error against steps
+    from qwenlite.experiments.decisive import scored_runs
+    from qwenlite.experiments.figures import halving_steps
+
+    runs, zero, plan_steps = scored_runs(tmp_path)
+    by = {r["name"]: r for r in runs}
+    pairs = [(r, by[r["parent"]]) for r in runs if r["parent"] in by]
+    assert len(pairs) == int(n["h.continued"]) > 0
+    assert int(n["h.improved"]) == sum(c["mae"] < p["mae"] for c, p in pairs)
+    assert int(n["h.lateimproved"]) == sum(c["late"] < p["late"] for c, p in pairs)
+    assert by["r2-1"]["parent"] == best[0] and zero is not None
+    assert plan_steps[-1] == 10 and all(r["mae"] == results[r["name"]]["val"]["mae"] for r in runs)
+    assert halving_steps(runs, zero, tmp_path / "figs", plan_steps) == "fig-halving-steps"
+    assert (tmp_path / "figs" / "fig-halving-steps.pdf").stat().st_size > 0
     # status says what remains
     assert main(["status", *args]) == 0
     status = capsys.readouterr().out

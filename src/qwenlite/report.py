@@ -88,7 +88,8 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     from qwenlite.experiments import method
     from qwenlite.experiments import report as R
     from qwenlite.experiments.collect import load_sweep
-    from qwenlite.experiments.decisive import halving_numbers
+    from qwenlite.experiments import figures
+    from qwenlite.experiments.decisive import halving_numbers, scored_runs
     from qwenlite.experiments.latex import Numbers
     from qwenlite.experiments.markdown import results_markdown
     from qwenlite.experiments.plan import CONTEXTS, RANKS, SCALES, build_plan
@@ -142,6 +143,8 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
         (tmp / "numbers.tex").write_text(n.tex())
         (tmp / "experiments.md").write_text(results_markdown(sweep))
         figs = R.write_figures(sweep, diag, tmp)
+        runs, zero, steps = scored_runs(Path(results))
+        figs.append(figures.halving_steps(runs, zero, tmp, steps))
         words = check_tex(tex.read_text(), set(n.values)) if tex else None
         R.replace_dir(tmp, out)
     except BaseException:

@@ -24,7 +24,9 @@ KEYS = ("n", "done", "planned", "plannedshare", "spent", "spentshare", "valsyste
         "dtype.diff", "dtype.lo", "dtype.hi", "dtype.ties", "dtype.n", "dtype.fp32", "dtype.bf16",
         "cal.cpu", "cal.bf16step", "cal.fp32step", "zs.masked", "zs.valmae", "zs.valmedian",
         "zs.early", "zs.late", "trained", "better", "worse", "best.name", "best.steps", "best.valmae",
-        "best.early", "best.late", "best.diff", "best.lo", "best.hi", "best.lower")
+        "best.early", "best.late", "best.diff", "best.lo", "best.hi", "best.lower",
+        "continued", "improved", "earlyimproved", "lateimproved", "best.parent", "best.parentsteps",
+        "best.parentvalmae", "best.parentlate")
 
 
 def _pending(n: Numbers) -> str:
@@ -56,6 +58,64 @@ def _best(n: Numbers, trained: list) -> None:
     for key, value in (("diff", p and f"{p['mean']:+.3f}"), ("lo", p and f"{p['ci'][0]:+.3f}"),
                        ("hi", p and f"{p['ci'][1]:+.3f}"), ("lower", lower)):
         n[f"h.best.{key}"] = PENDING if value is None else value
+
+
+def _lineage(n: Numbers, trained: list, parents: dict[str, str]) -> None:
+    """``h.continued``: scored runs that continue a scored run; ``h.improved``,
+    ``h.earlyimproved`` and ``h.lateimproved``: of those, how many lowered the validation MAE,
+    overall and over the first and the last quarter of the horizon; ``h.best.parent*``: the best run's parent, as it scored."""
+    by_name = {t[1]: t for t in trained}
+    pairs = [(by_name[c], by_name[p]) for c, p in parents.items() if c in by_name and p in by_name]
+    n["h.continued"] = len(pairs)
+    n["h.improved"] = sum(1 for c, p in pairs if c[0] < p[0])
+    n["h.earlyimproved"] = sum(1 for c, p in pairs if c[3] < p[3])
+    n["h.lateimproved"] = sum(1 for c, p in pairs if c[4] < p[4])
+    best = min(trained, key=lambda t: t[0]) if trained else None
+    parent = by_name.get(parents.get(best[1], "")) if best else None
+    if parent is None:
+        for key in ("parent", "parentsteps", "parentvalmae", "parentlate"):
+            n[f"h.best.{key}"] = PENDING
+        return
+    n["h.best.parent"], n["h.best.parentsteps"] = tex_escape(parent[1]), f"{parent[2]:,}"
+    n["h.best.parentvalmae"], n["h.best.parentlate"] = fixed(parent[0]), fixed(parent[4])
+
+
+def scored_runs(results: Path) -> tuple[list[dict], dict | None, tuple[int, ...]]:
+    """Every scored trained run of the halving sweep (name, steps, parent, validation MAE
+    overall and over the first and last quarter of the horizon), in the plan's order; the
+    zero-shot model's scores; and the step counts the plan scores runs at. ([], None, ())
+    where the sweep has not started."""
+    from qwenlite.experiments.collect import PLAN, load_sweep
+    from qwenlite.experiments.halving import DTYPE_FILE
+    from qwenlite.io import read_json_object
+
+    root = results / SUB
+    if not (root / PLAN).is_file():
+        return [], None, ()
+    sweep = load_sweep(root)
+    d = read_json_object(root / DTYPE_FILE, "dtype") if (root / DTYPE_FILE).is_file() else {}
+    zs_name = f"zeroshot-{d['dtype']}" if d else None
+    zs_pred = sweep.predictions(zs_name, "val") if zs_name else None
+    zero = None
+    if zs_pred is not None:
+        early, late = _quarters(zs_pred)
+        zero = {"mae": float(np.nanmean(np.abs(zs_pred["pred_qwen"] - zs_pred["truth"]))),
+                "early": early, "late": late}
+    runs = []
+    for e in sweep.plan["experiments"]:
+        r = sweep.results.get(e["name"])
+        if e["stage"] in ("calibration", "zeroshot", "test") or r is None:
+            continue
+        pred = sweep.predictions(e["name"], "val")
+        if pred is None:
+            continue
+        early, late = _quarters(pred)
+        runs.append({"name": e["name"], "stage": e["stage"], "steps": e["steps"],
+                     "parent": r["settings"].get("parent"), "mae": r["val"]["mae"],
+                     "early": early, "late": late})
+    steps = tuple(sorted({e["steps"] for e in sweep.plan["experiments"]
+                          if e["stage"] not in ("calibration", "zeroshot", "test")}))
+    return runs, zero, steps
 
 
 def halving_numbers(n: Numbers, results: Path) -> str:
@@ -142,6 +202,8 @@ def halving_numbers(n: Numbers, results: Path) -> str:
         trained.append((r["val"]["mae"], name, e["steps"], early, late, p, lower))
         rows.append(cells + [fixed(r["val"]["mae"]), fixed(early), fixed(late), cmp])
     _best(n, trained)
+    _lineage(n, trained, {e["name"]: (sweep.results[e["name"]]["settings"].get("parent") or "")
+                          for e in plan["experiments"] if e["name"] in sweep.results})
     if not rows:
         return "% no trained experiment in the halving sweep\n"
     return tabular("lrlrrrrrrl", ["experiment", "steps", "continues", "lr", "rank", "context",

@@ -253,3 +253,42 @@ def diagnosis(diag: dict | None, out: Path) -> str:
     b.grid(alpha=0.3)
     b.legend()
     return _save(fig, out, "diagnosis")
+
+
+def halving_steps(runs: list[dict], zero: dict | None, out: Path,
+                  steps: tuple[int, ...] = ()) -> str:
+    """The halving sweep's validation MAE against training steps: overall, and over the first
+    and the last quarter of the horizon, one point per scored run, each joined to the run it
+    continues; the zero-shot model's as a dashed line (``decisive.scored_runs``). ``steps``:
+    the plan's step counts: the axis spans them, run yet or not."""
+    plt = _plt()
+    panels = [("mae", "all forecast steps"), ("early", "first quarter of the horizon"),
+              ("late", "last quarter of the horizon")]
+    fig, axes = plt.subplots(1, 3, figsize=(7.2, 2.3), sharey=False)
+    by_name = {r["name"]: r for r in runs}
+    colours = {"rung1": "tab:blue", "rung2": "tab:orange", "branch": "tab:purple",
+               "final": "tab:red"}
+    for ax, (key, title) in zip(axes, panels):
+        ax.set_title(title)
+        ax.set_xlabel("optimizer steps")
+        if not runs:
+            _pending(ax)
+            continue
+        for r in runs:
+            parent = by_name.get(r["parent"] or "")
+            if parent is not None:
+                ax.plot([parent["steps"], r["steps"]], [parent[key], r[key]], color="0.6",
+                        lw=0.8, zorder=1)
+        for stage, colour in colours.items():
+            pts = [r for r in runs if r["stage"] == stage]
+            if pts:
+                ax.scatter([r["steps"] for r in pts], [r[key] for r in pts], s=12,
+                           color=colour, label=stage, zorder=2)
+        if zero is not None:
+            ax.axhline(zero[key], color="0.3", ls="--", lw=0.8, label="zero-shot")
+        ax.set_xlim(0, max(max(steps, default=0), max(r["steps"] for r in runs)) * 1.05)
+    axes[0].set_ylabel("validation MAE")
+    fig.tight_layout(w_pad=0.8)
+    if runs:
+        axes[0].legend(loc="best", frameon=False)
+    return _save(fig, out, "fig-halving-steps")
