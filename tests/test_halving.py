@@ -98,7 +98,12 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     planned = json.loads(capsys.readouterr().out)
     assert planned["dtype"] == "fp32"
     assert main(["run", *args, "--no-progress"]) == 0
-    capsys.readouterr()
+    start = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("running ")]
+    n_exp = len(planned["experiments"])
+    total = sum(e["train_flops"] + e["eval_flops"] for e in planned["experiments"])
+    assert len(start) == 1 and start[0].startswith(f"running {n_exp} of {n_exp} experiments: "
+                                                   f"{total:.3e} FLOPS to spend")
+    assert "% of the 1e+17 budget; estimated" in start[0] and "h in fp32 (an estimate" in start[0]
     names = [e["name"] for e in planned["experiments"]]
     results = {n: json.loads((out / n / "result.json").read_text()) for n in names}
     choices = json.loads((out / "choices.json").read_text())

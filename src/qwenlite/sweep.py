@@ -171,6 +171,36 @@ def _plan(args, weights_needed: bool):
     return plan, weights, data
 
 
+def _entries_of(out: Path, name: str, entries: dict, ledger) -> list[dict]:
+    """The ledger's entries for experiment ``name`` (its run directory and everything under)."""
+    prefix = ledger.key(str((out / name).resolve()))
+    return [v for k, v in entries.items() if k == prefix or k.startswith(prefix + "/")]
+
+
+def _spent_by(out: Path, plan, entries: dict, ledger) -> dict[str, int]:
+    """FLOPS the ledger holds for each experiment of ``plan`` so far."""
+    return {e.name: sum(int(v["flops"]) for v in _entries_of(out, e.name, entries, ledger))
+            for e in plan.experiments}
+
+
+def start_line(plan, done: set[str], spent: dict[str, int], only: list[str] | None) -> str:
+    """What a ``sweep run`` is about to do, in one line: the experiments left (of those it was
+    asked to run), their FLOPS still to spend, the share of the budget, and the estimated hours
+    at the plan's rates (those left less the share their runs have already spent)."""
+    names = [e.name for e in plan.experiments if (only is None or e.name in only)
+             and e.name not in done]
+    flops = hours = 0.0
+    for name in names:
+        c = plan.costs[name]
+        total = c.train_flops + c.eval_flops
+        left = max(total - spent.get(name, 0), 0)
+        flops += left
+        hours += c.hours * (left / total if total else 1.0)
+    return (f"running {len(names)} of {len(plan.experiments)} experiments: {flops:.3e} FLOPS "
+            f"to spend, {100 * flops / plan.budget:.2f}% of the {plan.budget:.0e} budget; "
+            f"estimated {hours:.1f} h in {plan.dtype} (an estimate: {plan.scale.rate_source})")
+
+
 def _status(args) -> int:
     from qwenlite.experiments.runner import load_results, make_choices
     from qwenlite.training.ledger import Ledger
@@ -184,8 +214,7 @@ def _status(args) -> int:
           + (" (SHRUNK for a CPU)" if plan.scale.shrunk else ""))
     for e in plan.experiments:
         r = results.get(e.name)
-        prefix = ledger.key(str((out / e.name).resolve()))
-        mine = [v for k, v in entries.items() if k == prefix or k.startswith(prefix + "/")]
+        mine = _entries_of(out, e.name, entries, ledger)
         flops = sum(int(v["flops"]) for v in mine)
         state = "done" if r else ("started" if mine else "pending")
         score = (f"val MAE {r['val']['mae']:.4f}" + (f"  val loss {r['val_loss']:.4f}"
@@ -299,6 +328,11 @@ def _run(args) -> int:
         first = read_json_object(out / "plan.json", "sweep plan").get("commit", "")
         save_plan(plan, out / "plan.json", commit=first)
     print(plan.table())
+    from qwenlite.experiments.runner import load_results
+
+    ledger = Ledger(out / "ledger.json")
+    print(start_line(plan, set(load_results(out, plan)),
+                     _spent_by(out, plan, ledger.load()["entries"], ledger), only))
     if plan.scale.rungs and args.dtype is not None:
         raise QwenliteError("a halving sweep runs every experiment in its plan's dtype "
                             f"({plan.scale.dtype}); leave out --dtype")
