@@ -266,7 +266,7 @@ def test_the_start_line_estimates_from_the_last_run_here(setup, tmp_path, capsys
 
 
 def test_metrics_gap_finds_steps_the_log_lost_but_the_checkpoint_holds(tmp_path):
-    from qwenlite.training.trainer import metrics_gap
+    from qwenlite.training.metrics_log import gap as metrics_gap
 
     path = tmp_path / "metrics.jsonl"
     lines = [{"step": 0, "val_loss": 1.0}] + [{"step": s, "loss": 0.5} for s in range(1, 11)]

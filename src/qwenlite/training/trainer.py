@@ -31,33 +31,9 @@ from qwenlite import rates
 from qwenlite.errors import QwenliteError
 from qwenlite.io import atomic_write_text
 from qwenlite.training.checkpoint import Origin, load_checkpoint, save_checkpoint
+from qwenlite.training import metrics_log
 from qwenlite.training.ledger import Ledger, fmt_flops
 from qwenlite.training.loss import linear_cross_entropy
-
-
-def metrics_gap(path: Path, step: int) -> tuple[int, int] | None:
-    """The first run of training steps in ``1..step`` that ``metrics.jsonl`` has no line for.
-
-    A run's log and its checkpoint are written separately, so a log restored or cut apart
-    from its checkpoint can lose steps that the checkpoint holds; the caller says so.
-    """
-    if step <= 0 or not path.exists():
-        return None
-    seen = set()
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if "loss" in record:
-            seen.add(record["step"])
-    first = next((s for s in range(1, step + 1) if s not in seen), None)
-    if first is None:
-        return None
-    end = first
-    while end + 1 <= step and end + 1 not in seen:
-        end += 1
-    return first, end
 
 
 @dataclass
@@ -254,19 +230,6 @@ class Trainer:
                            (step - o.step) * self.tokens_per_step,
                            status="done" if step >= self.cfg.max_steps else "running")
 
-    def _truncate_metrics(self, step: int) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError):
-                break  # a line cut by a crash ends the readable log
-        atomic_write_text(path, "".join(x + "\n" for x in kept))
-
     # ----- the loop -------------------------------------------------------------------------
     def autocast(self):
         if self.cfg.dtype == "bf16":
@@ -308,8 +271,8 @@ class Trainer:
                          run_dir=str(self.run_dir), rank=cfg.rank, lr=cfg.lr,
                          context=cfg.context, batch=cfg.batch)
         self.write_run_files()
-        self._truncate_metrics(start if evals else -1)
-        gap = metrics_gap(self.run_dir / "metrics.jsonl", start)
+        metrics_log.truncate(self.run_dir / "metrics.jsonl", start if evals else -1)
+        gap = metrics_log.gap(self.run_dir / "metrics.jsonl", start)
         if gap:
             print(f"warning: {self.run_dir}/metrics.jsonl has no records for steps "
                   f"{gap[0]}..{gap[1]} though the checkpoint is at step {start}; training "
