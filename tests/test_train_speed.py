@@ -1,6 +1,6 @@
 """The bf16 training paths of qwenlite.accel: frozen weights' kept bf16 copies under CPU
 autocast (qwenlite.accel.autocast) and the fused softmax cross-entropy kernel
-(qwenlite.accel.skinny.xent_bf16) behind the LM-head loss — the same values as torch's way."""
+(qwenlite.accel.xent.xent_bf16) behind the LM-head loss — the same values as torch's way."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenlite.accel import autocast, kernels, skinny
+from qwenlite.accel import autocast, kernels, skinny, xent
 from qwenlite.training import loss as loss_module
 from qwenlite.training.loss import linear_cross_entropy
 
@@ -17,12 +17,12 @@ BF16 = torch.bfloat16
 
 
 @pytest.fixture
-def xent():
+def library():
     """Skip where this machine cannot host the kernel library; where it can, it must serve."""
     host = skinny.unsupported() or (None if skinny.find_compiler() else "no C++ compiler found")
     if host:
         pytest.skip(f"no kernel library here: {host}")
-    assert skinny.xent_available(), skinny.unavailable()
+    assert xent.available(), skinny.unavailable()
 
 
 def _reference(logits, targets):
@@ -33,20 +33,20 @@ def _reference(logits, targets):
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 8, 33, 1000, 4099])
-def test_xent_kernel_gives_the_loss_and_its_gradient(xent, vocab):
+def test_xent_kernel_gives_the_loss_and_its_gradient(library, vocab):
     gen = torch.Generator().manual_seed(vocab)
     logits = (5 * torch.randn(6, vocab, generator=gen)).to(BF16)
     targets = torch.randint(0, vocab, (6,), generator=gen)
     ref_loss, ref_grad = _reference(logits, targets)
     grad = logits.clone()
-    loss = skinny.xent_bf16(grad, targets)
+    loss = xent.xent_bf16(grad, targets)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-6, atol=2e-6)
     # the gradient is rounded to bf16 once, as torch's bf16 rounding of the fp32 value
     torch.testing.assert_close(grad.double(), ref_grad.to(BF16).double(), rtol=8e-3, atol=1e-7)
     assert (grad == ref_grad.to(BF16)).float().mean() > 0.98
 
 
-def test_xent_kernel_reads_rows_of_a_wider_buffer_and_marks_nan_rows(xent):
+def test_xent_kernel_reads_rows_of_a_wider_buffer_and_marks_nan_rows(library):
     gen = torch.Generator().manual_seed(0)
     wide = torch.randn(4, 50, generator=gen).to(BF16)
     view = wide[:, :40]  # row stride 50
@@ -54,19 +54,19 @@ def test_xent_kernel_reads_rows_of_a_wider_buffer_and_marks_nan_rows(xent):
     targets = torch.tensor([0, 39, 3, 17])
     ref_loss, _ = _reference(view.clone(), targets)
     tail = wide[:, 40:].clone()
-    loss = skinny.xent_bf16(view, targets)
+    loss = xent.xent_bf16(view, targets)
     assert torch.isnan(loss[2]) and torch.isnan(view[2]).all()
     keep = torch.tensor([0, 1, 3])
     torch.testing.assert_close(loss[keep].double(), ref_loss[keep], rtol=2e-6, atol=2e-6)
     assert torch.equal(wide[:, 40:], tail)  # nothing outside the rows' V columns is written
 
 
-def test_xent_kernel_declines_what_it_does_not_take(xent):
+def test_xent_kernel_declines_what_it_does_not_take(library):
     logits = torch.randn(3, 10).to(BF16)
     before = logits.clone()
-    assert skinny.xent_bf16(logits, torch.tensor([0, 10, 1])) is None  # target out of range
-    assert skinny.xent_bf16(logits.float(), torch.tensor([0, 1, 2])) is None  # not bf16
-    assert skinny.xent_bf16(logits.T, torch.tensor([0, 1, 2] * 3 + [0])) is None  # strided
+    assert xent.xent_bf16(logits, torch.tensor([0, 10, 1])) is None  # target out of range
+    assert xent.xent_bf16(logits.float(), torch.tensor([0, 1, 2])) is None  # not bf16
+    assert xent.xent_bf16(logits.T, torch.tensor([0, 1, 2] * 3 + [0])) is None  # strided
     assert torch.equal(logits, before)
 
 
@@ -87,12 +87,12 @@ def _autocast_loss(h, w, t, mask, **kwargs):
     return loss.detach(), h.grad.clone()
 
 
-def test_the_fused_loss_under_autocast_goes_through_the_kernel_and_equals_torchs(xent,
+def test_the_fused_loss_under_autocast_goes_through_the_kernel_and_equals_torchs(library,
                                                                               monkeypatch):
     w, h, t, mask = _head()
     seen = []
-    real = skinny.xent_bf16
-    monkeypatch.setattr(skinny, "xent_bf16", lambda *a: seen.append(1) or real(*a))
+    real = xent.xent_bf16
+    monkeypatch.setattr(xent, "xent_bf16", lambda *a: seen.append(1) or real(*a))
     loss, grad = _autocast_loss(h, w, t, mask)
     assert len(seen) == 5  # 70 rows in chunks of 16
     monkeypatch.setattr(loss_module, "_fused_bf16", lambda *a: False)
@@ -104,10 +104,10 @@ def test_the_fused_loss_under_autocast_goes_through_the_kernel_and_equals_torchs
     assert torch.count_nonzero(grad[mask == 0]) == 0
 
 
-def test_a_logit_bias_keeps_torchs_loss(xent, monkeypatch):
+def test_a_logit_bias_keeps_torchs_loss(library, monkeypatch):
     w, h, t, mask = _head(seed=1)
     bias = nn.Parameter(torch.randn(w.shape[0]) * 0.1)
-    monkeypatch.setattr(skinny, "xent_bf16", lambda *a: pytest.fail("the kernel took a bias"))
+    monkeypatch.setattr(xent, "xent_bf16", lambda *a: pytest.fail("the kernel took a bias"))
     _autocast_loss(h, w, t, mask, bias=bias)
     assert bias.grad is not None
 
@@ -139,7 +139,7 @@ def test_frozen_weights_under_autocast_read_a_kept_bf16_copy_bit_for_bit():
     assert not autocast.is_kept(layer.weight)
 
 
-def test_swiglu_kernel_is_torchs_gating_bit_for_bit(xent):
+def test_swiglu_kernel_is_torchs_gating_bit_for_bit(library):
     from qwenlite.accel import fused
 
     gen = torch.Generator().manual_seed(4)
@@ -163,7 +163,7 @@ def test_swiglu_kernel_is_torchs_gating_bit_for_bit(xent):
     assert fused.swiglu(gate[:, ::2], up[:, ::2]) is None  # strided
 
 
-def test_rms_norm_kernel_equals_the_models_norm(xent):
+def test_rms_norm_kernel_equals_the_models_norm(library):
     from qwenlite.accel import fused
     from qwenlite.model.norm import RMSNorm
 
@@ -185,7 +185,7 @@ def test_rms_norm_kernel_equals_the_models_norm(xent):
 
 
 def test_an_accelerated_bf16_training_step_uses_the_kernels_and_matches_the_plain_model(
-        xent, monkeypatch):
+        library, monkeypatch):
     from qwenlite.accel import apply, fused
     from qwenlite.model.config import QwenConfig
     from qwenlite.model.loading import init_random
@@ -216,8 +216,8 @@ def test_an_accelerated_bf16_training_step_uses_the_kernels_and_matches_the_plai
         real = getattr(fused, attr)
         monkeypatch.setattr(fused, attr, lambda *a, _r=real, _n=name: (
             seen.__setitem__(_n, seen[_n] + 1), _r(*a))[1])
-    real_xent = skinny.xent_bf16
-    monkeypatch.setattr(skinny, "xent_bf16", lambda *a: (
+    real_xent = xent.xent_bf16
+    monkeypatch.setattr(xent, "xent_bf16", lambda *a: (
         seen.__setitem__("xent", seen["xent"] + 1), real_xent(*a))[1])
     loss, grads = step(accelerated=True)
     assert seen == {"swiglu": 2, "norm": 5, "xent": 1}

@@ -15,7 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from qwenlite.accel import autocast, emulation, skinny
+from qwenlite.accel import autocast, emulation, xent
 from qwenlite.model.counting import EXP, LOG
 
 CHUNK = 256
@@ -42,7 +42,7 @@ def loss_flops(positions: int, vocab: int) -> int:
 
 def _fused_bf16(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether the chunks' softmax cross-entropy runs in the CPU kernel
-    (:func:`qwenlite.accel.skinny.xent_bf16`): bf16 matmuls on bf16 units (the head in bf16, or
+    (:func:`qwenlite.accel.xent.xent_bf16`): bf16 matmuls on bf16 units (the head in bf16, or
     its kept copy under autocast), no logit bias, a CPU where the kernel is built. It reads each
     chunk's bf16 logits and writes their gradient in place, where torch makes five passes over
     fp32 copies; with chunks of ``FUSED_CHUNK`` rows and the logits computed by vocabulary
@@ -50,7 +50,7 @@ def _fused_bf16(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> 
     kept) took 1.03 s against 2.58 s through torch's passes in chunks of ``CHUNK`` (2-core Xeon
     with AMX, torch 2.13, the 151,936 × 896 head, medians of 5)."""
     return (w.dtype == torch.bfloat16 and bias is None and h.device.type == "cpu"
-            and not torch._C._len_torch_dispatch_stack() and skinny.xent_available())
+            and not torch._C._len_torch_dispatch_stack() and xent.available())
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -77,7 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 tgt, tw = targets[s:e], token_weights[s:e]
                 if fused:  # bf16 logits -> the CPU kernel: the losses, and softmax - onehot
                     logits = _logits_by_vocab_block(h[s:e].to(bf16), w)
-                    losses = skinny.xent_bf16(logits, tgt)
+                    losses = xent.xent_bf16(logits, tgt)
                     if losses is not None:
                         total += (losses * tw).sum()
                         if need_grad:
