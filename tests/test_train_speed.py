@@ -155,10 +155,6 @@ def test_swiglu_kernel_is_torchs_gating_bit_for_bit(library):
         torch.testing.assert_close(a, b, rtol=8e-3, atol=1e-6)
     with torch.no_grad():
         assert fused.swiglu(gate, up) is None  # forward only: torch's passes are faster
-    lib = skinny.library()  # the forward kernel, kept for CPUs without AVX-512
-    out = torch.empty_like(gate)
-    lib.swiglu_fwd(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(), 2)
-    assert torch.equal(out, theirs)
     assert fused.swiglu(gate.float(), up.float()) is None
     assert fused.swiglu(gate[:, ::2], up[:, ::2]) is None  # strided
 

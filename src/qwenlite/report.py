@@ -85,10 +85,9 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     """Write every generated file into ``out`` (replacing it whole) and check ``tex``."""
     from qwenlite.data import load_dataset, split_systems
     from qwenlite.data.llmtime import LLMTimeSettings, fit_alpha
-    from qwenlite.experiments import method
+    from qwenlite.experiments import figures, method
     from qwenlite.experiments import report as R
     from qwenlite.experiments.collect import load_sweep
-    from qwenlite.experiments import figures
     from qwenlite.experiments.decisive import halving_numbers, scored_runs
     from qwenlite.experiments.latex import Numbers
     from qwenlite.experiments.markdown import results_markdown

@@ -1,10 +1,10 @@
 // The elementwise passes of a training step fused, for x86-64 CPUs with AVX2 and FMA: SwiGLU's
-// gating in bf16 and RMSNorm in fp32, forward and backward. Built and loaded by
+// backward in bf16 and RMSNorm in fp32, forward and backward. Built and loaded by
 // qwenlite/accel/skinny.py beside the decode kernels; qwenlite/accel/fused.py calls them.
 //
-// torch runs SwiGLU's silu(g)·u as two passes forward and four backward over (tokens × 4864)
-// bf16 tensors, and RMSNorm's backward as a dozen passes over (tokens × 896) fp32 ones; here each
-// is one pass. The roundings are torch's: silu(g) is rounded to bf16 before the product, each
+// torch runs SwiGLU's silu(g)·u backward as four passes over (tokens × 4864) bf16 tensors, and
+// RMSNorm's backward as a dozen passes over (tokens × 896) fp32 ones; here each is one pass
+// (SwiGLU's forward stays torch's: its AVX-512 passes beat an AVX2 one here). The roundings are torch's: silu(g) is rounded to bf16 before the product, each
 // product and gradient once, so a result differs from torch's only where e^x (Cephes', within
 // 2 ulp) or the order of a row's sum does.
 
@@ -52,26 +52,6 @@ inline void span(int64_t n, int64_t &begin, int64_t &end) {
 }
 
 }  // namespace
-
-// out = bf16(bf16(silu(g)) · u) over n bf16 elements.
-extern "C" void qwenlite_swiglu_fwd(const uint16_t *g, const uint16_t *u, uint16_t *out,
-                                    int64_t n, int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t b, e;
-        span(n, b, e);
-        int64_t j = b;
-        for (; j + 8 <= e; j += 8) {
-            const __m256 x = load8(g + j);
-            const __m256 s = round8(_mm256_mul_ps(x, sigmoid8(x)));
-            store8(out + j, _mm256_mul_ps(s, load8(u + j)));
-        }
-        for (; j < e; j++) {
-            const float x = widen(g[j]);
-            out[j] = to_bf16(round1(x * sigmoid1(x)) * widen(u[j]));
-        }
-    }
-}
 
 // The gradients of out = bf16(silu(g)) · u, as torch's autograd forms them: du = bf16(dy · s),
 // ds = bf16(dy · u), dg = bf16(ds · σ(g) · (1 + g · (1 − σ(g)))), s = bf16(silu(g)).

@@ -57,7 +57,8 @@ _warned: set[str] = set()  # reasons already warned of, once a process
 SOURCES = tuple(Path(__file__).with_name(name) for name in
                 ("skinny.h", "skinny_linears.cpp", "skinny_attention.cpp", "xent.cpp",
                  "elementwise.cpp"))
-"""The kernel's source: a header both halves share, the few-row matmuls and the decode attention."""
+"""The library's source: a header all share, the few-row matmuls and the decode attention, and
+the training kernels (the loss's softmax cross-entropy, RMSNorm and SwiGLU's backward)."""
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -150,9 +151,6 @@ class _Kernels:
         self.xent.argtypes = [p, i64, i64, i64, p, p, i32]
         self.xent.restype = i32
         f32 = ctypes.c_float
-        self.swiglu_fwd = lib.qwenlite_swiglu_fwd
-        self.swiglu_fwd.argtypes = [p, p, p, i64, i32]
-        self.swiglu_fwd.restype = None
         self.swiglu_bwd = lib.qwenlite_swiglu_bwd
         self.swiglu_bwd.argtypes = [p, p, p, p, p, i64, i32]
         self.swiglu_bwd.restype = None
@@ -168,7 +166,8 @@ def _self_check(lib: _Kernels) -> bool:
     """The kernels against float64 references: the matmuls for every row count a tile has, a K
     that is not a multiple of 8 on both of their paths (K ≤ 1024 and above), column counts that
     leave tails, bf16 and fp32, with and without biases; attention over fp32 and bf16 keys, with
-    and without a mask."""
+    and without a mask; the training kernels by their own checks (``xent.self_check``,
+    ``fused.self_check``)."""
     from qwenlite.accel import fused, xent
 
     return (_linears_check(lib.linears) and _attention_check(lib) and xent.self_check(lib)
@@ -368,6 +367,6 @@ def _call(fn, x, weights, biases, out_dtype):
 
 def library():
     """The loaded library (built and checked on the first call), or None where it cannot
-    serve; for the training kernels (:mod:`~qwenlite.accel.fused`, :func:`xent_bf16`), which
-    serve wherever it runs."""
+    serve; for the training kernels (:mod:`~qwenlite.accel.fused`, :mod:`~qwenlite.accel.xent`),
+    which serve wherever it runs."""
     return _load()[0]

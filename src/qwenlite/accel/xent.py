@@ -52,4 +52,3 @@ def self_check(lib) -> bool:
                 or not torch.allclose(grad.double(), ref_grad, rtol=1e-2, atol=1e-6)):
             return False
     return True
-

@@ -30,8 +30,8 @@ import torch
 from qwenlite import rates
 from qwenlite.errors import QwenliteError
 from qwenlite.io import atomic_write_text
-from qwenlite.training.checkpoint import Origin, load_checkpoint, save_checkpoint
 from qwenlite.training import metrics_log
+from qwenlite.training.checkpoint import Origin, load_checkpoint, save_checkpoint
 from qwenlite.training.ledger import Ledger, fmt_flops
 from qwenlite.training.loss import linear_cross_entropy
 
