@@ -19,6 +19,7 @@ from qwenlite.experiments.latex import Numbers, fixed, pct, sci, tabular, tex_es
 
 PENDING = r"\textit{pending}"
 SUB = "halving"
+UNTRAINED = ("calibration", "zeroshot", "test")  # the stages that train nothing
 KEYS = ("n", "done", "planned", "plannedshare", "spent", "spentshare", "valsystems",
         "testsystems", "rungs", "keep", "branchsteps", "finalsteps", "checkpoints", "dtype",
         "dtype.diff", "dtype.lo", "dtype.hi", "dtype.ties", "dtype.n", "dtype.fp32", "dtype.bf16",
@@ -60,41 +61,28 @@ def _best(n: Numbers, trained: list) -> None:
         n[f"h.best.{key}"] = PENDING if value is None else value
 
 
-def _lineage(n: Numbers, trained: list, parents: dict[str, str]) -> None:
+def _lineage(n: Numbers, runs: list[dict]) -> None:
     """``h.continued``: scored runs that continue a scored run; ``h.improved``,
     ``h.earlyimproved`` and ``h.lateimproved``: of those, how many lowered the validation MAE,
-    overall and over the first and the last quarter of the horizon; ``h.best.parent*``: the best run's parent, as it scored."""
-    by_name = {t[1]: t for t in trained}
-    pairs = [(by_name[c], by_name[p]) for c, p in parents.items() if c in by_name and p in by_name]
+    overall and over the first and the last quarter of the horizon; ``h.best.parent*``: the
+    best run's parent, as it scored (``runs`` as :func:`scored_runs` gives them)."""
+    by_name = {r["name"]: r for r in runs}
+    pairs = [(r, by_name[r["parent"]]) for r in runs if r["parent"] in by_name]
     n["h.continued"] = len(pairs)
-    n["h.improved"] = sum(1 for c, p in pairs if c[0] < p[0])
-    n["h.earlyimproved"] = sum(1 for c, p in pairs if c[3] < p[3])
-    n["h.lateimproved"] = sum(1 for c, p in pairs if c[4] < p[4])
-    best = min(trained, key=lambda t: t[0]) if trained else None
-    parent = by_name.get(parents.get(best[1], "")) if best else None
+    for key, part in (("improved", "mae"), ("earlyimproved", "early"), ("lateimproved", "late")):
+        n[f"h.{key}"] = sum(1 for child, parent in pairs if child[part] < parent[part])
+    best = min(runs, key=lambda r: r["mae"]) if runs else None
+    parent = by_name.get(best["parent"]) if best else None
     if parent is None:
         for key in ("parent", "parentsteps", "parentvalmae", "parentlate"):
             n[f"h.best.{key}"] = PENDING
         return
-    n["h.best.parent"], n["h.best.parentsteps"] = tex_escape(parent[1]), f"{parent[2]:,}"
-    n["h.best.parentvalmae"], n["h.best.parentlate"] = fixed(parent[0]), fixed(parent[4])
+    n["h.best.parent"], n["h.best.parentsteps"] = tex_escape(parent["name"]), f"{parent['steps']:,}"
+    n["h.best.parentvalmae"], n["h.best.parentlate"] = fixed(parent["mae"]), fixed(parent["late"])
 
 
-def scored_runs(results: Path) -> tuple[list[dict], dict | None, tuple[int, ...]]:
-    """Every scored trained run of the halving sweep (name, steps, parent, validation MAE
-    overall and over the first and last quarter of the horizon), in the plan's order; the
-    zero-shot model's scores; and the step counts the plan scores runs at. ([], None, ())
-    where the sweep has not started."""
-    from qwenlite.experiments.collect import PLAN, load_sweep
-    from qwenlite.experiments.halving import DTYPE_FILE
-    from qwenlite.io import read_json_object
-
-    root = results / SUB
-    if not (root / PLAN).is_file():
-        return [], None, ()
-    sweep = load_sweep(root)
-    d = read_json_object(root / DTYPE_FILE, "dtype") if (root / DTYPE_FILE).is_file() else {}
-    zs_name = f"zeroshot-{d['dtype']}" if d else None
+def _scored(sweep, zs_name: str | None) -> tuple[list[dict], dict | None, tuple[int, ...]]:
+    """:func:`scored_runs` for a loaded sweep whose zero-shot model is ``zs_name``."""
     zs_pred = sweep.predictions(zs_name, "val") if zs_name else None
     zero = None
     if zs_pred is not None:
@@ -104,18 +92,44 @@ def scored_runs(results: Path) -> tuple[list[dict], dict | None, tuple[int, ...]
     runs = []
     for e in sweep.plan["experiments"]:
         r = sweep.results.get(e["name"])
-        if e["stage"] in ("calibration", "zeroshot", "test") or r is None:
+        if e["stage"] in UNTRAINED or r is None:
             continue
         pred = sweep.predictions(e["name"], "val")
         if pred is None:
             continue
         early, late = _quarters(pred)
         runs.append({"name": e["name"], "stage": e["stage"], "steps": e["steps"],
-                     "parent": r["settings"].get("parent"), "mae": r["val"]["mae"],
+                     "parent": r["settings"].get("parent") or "", "mae": r["val"]["mae"],
                      "early": early, "late": late})
     steps = tuple(sorted({e["steps"] for e in sweep.plan["experiments"]
-                          if e["stage"] not in ("calibration", "zeroshot", "test")}))
+                          if e["stage"] not in UNTRAINED}))
     return runs, zero, steps
+
+
+def _dtype_record(root: Path) -> dict:
+    """The sweep's ``dtype.json`` (the dtype and the comparison that chose it), {} before it."""
+    from qwenlite.experiments.halving import DTYPE_FILE
+    from qwenlite.io import read_json_object
+
+    return read_json_object(root / DTYPE_FILE, "dtype") if (root / DTYPE_FILE).is_file() else {}
+
+
+def _zeroshot_name(d: dict) -> str | None:
+    """The zero-shot experiment in the dtype ``d`` (:func:`_dtype_record`) records, or None."""
+    return f"zeroshot-{d['dtype']}" if d else None
+
+
+def scored_runs(results: Path) -> tuple[list[dict], dict | None, tuple[int, ...]]:
+    """Every scored trained run of the halving sweep (name, stage, steps, parent — "" for none
+    —, validation MAE overall and over the first and last quarter of the horizon), in the
+    plan's order; the zero-shot model's scores; and the step counts the plan scores runs at.
+    ([], None, ()) where the sweep has not started."""
+    from qwenlite.experiments.collect import PLAN, load_sweep
+
+    root = results / SUB
+    if not (root / PLAN).is_file():
+        return [], None, ()
+    return _scored(load_sweep(root), _zeroshot_name(_dtype_record(root)))
 
 
 def halving_numbers(n: Numbers, results: Path) -> str:
@@ -123,9 +137,7 @@ def halving_numbers(n: Numbers, results: Path) -> str:
     from qwenlite.evaluation.metrics import paired_difference
     from qwenlite.experiments.calibration import load as load_calibration
     from qwenlite.experiments.collect import PLAN, load_sweep
-    from qwenlite.experiments.halving import DTYPE_FILE
     from qwenlite.experiments.trends import system_mae
-    from qwenlite.io import read_json_object
 
     root = results / SUB
     if not (root / PLAN).is_file():
@@ -142,7 +154,7 @@ def halving_numbers(n: Numbers, results: Path) -> str:
     n["h.keep"], n["h.branchsteps"] = s["keep"], f"{s['branch_steps']:,}"
     n["h.finalsteps"] = f"{s['final_steps']:,}"
     n["h.checkpoints"] = ", ".join(f"{x:,}" for x in s["checkpoints"])
-    d = read_json_object(root / DTYPE_FILE, "dtype") if (root / DTYPE_FILE).is_file() else {}
+    d = _dtype_record(root)
     n["h.dtype"] = d.get("dtype", PENDING)
     diff = d.get("bf16_minus_fp32_mae")
     for key, value in (("diff", diff and f"{diff['mean']:+.4f}"),
@@ -158,7 +170,7 @@ def halving_numbers(n: Numbers, results: Path) -> str:
     for dtype in ("bf16", "fp32"):
         t = last["train"].get(dtype) if last else None
         n[f"h.cal.{dtype}step"] = f"{statistics.median(t['step_seconds']):.1f}" if t else PENDING
-    zs_name = f"zeroshot-{d['dtype']}" if d else None
+    zs_name = _zeroshot_name(d)
     zs = sweep.evaluation(zs_name, "val") if zs_name else None
     if zs:
         parse = zs["results"]["qwen"]["parse"]
@@ -169,15 +181,15 @@ def halving_numbers(n: Numbers, results: Path) -> str:
         for key in ("masked", "valmae", "valmedian"):
             n[f"h.zs.{key}"] = PENDING
     base = system_mae(sweep, zs_name, "val") if zs_name else None
-    zs_pred = sweep.predictions(zs_name, "val") if zs_name else None
-    zs_quarters = _quarters(zs_pred) if zs_pred is not None else (None, None)
-    for key, value in zip(("early", "late"), zs_quarters):
-        n[f"h.zs.{key}"] = PENDING if value is None else fixed(value)
+    runs, zero, _ = _scored(sweep, zs_name)
+    scored = {r["name"]: r for r in runs}
+    for key in ("early", "late"):
+        n[f"h.zs.{key}"] = PENDING if zero is None else fixed(zero[key])
     trained: list[tuple[float, str, int, float, float, dict | None, int | None]] = []
     rows, rules, last_stage = [], [], None
     for e in plan["experiments"]:
         name, r = e["name"], sweep.results.get(e["name"])
-        if e["stage"] in ("calibration", "zeroshot", "test"):
+        if e["stage"] in UNTRAINED:
             continue
         if last_stage is not None and e["stage"] != last_stage:
             rules.append(len(rows) - 1)
@@ -188,11 +200,10 @@ def halving_numbers(n: Numbers, results: Path) -> str:
         cells += [f"{st['lr']:g}" if st.get("lr") else PENDING,
                   str(st["rank"]) if st.get("rank") is not None else PENDING,
                   str(st["context"]) if st.get("context") else PENDING]
-        pred = sweep.predictions(name, "val") if r else None
-        if pred is None:
+        if name not in scored:
             rows.append(cells + [PENDING] * 4)
             continue
-        early, late = _quarters(pred)
+        early, late = scored[name]["early"], scored[name]["late"]
         mine = system_mae(sweep, name, "val")
         cmp, p, lower = "--", None, None
         if base is not None and np.array_equal(base[0], mine[0]):
@@ -202,8 +213,7 @@ def halving_numbers(n: Numbers, results: Path) -> str:
         trained.append((r["val"]["mae"], name, e["steps"], early, late, p, lower))
         rows.append(cells + [fixed(r["val"]["mae"]), fixed(early), fixed(late), cmp])
     _best(n, trained)
-    _lineage(n, trained, {e["name"]: (sweep.results[e["name"]]["settings"].get("parent") or "")
-                          for e in plan["experiments"] if e["name"] in sweep.results})
+    _lineage(n, runs)
     if not rows:
         return "% no trained experiment in the halving sweep\n"
     return tabular("lrlrrrrrrl", ["experiment", "steps", "continues", "lr", "rank", "context",
