@@ -126,6 +126,8 @@ def test_samples_give_crps_and_test_split_needs_asking(setup, tmp_path):
     (["--adapter", "/", "--context-steps", "10", "--horizon", "3"],
      "not a training run directory"),
     (["--split", "train"], "invalid choice"),
+    (["--adapter-scale", "0.5"], "pass --adapter"),
+    (["--adapter-scale", "-1"], "non-negative"),
 ])
 def test_bad_input(setup, tmp_path, capsys, extra, message):
     weights, data = setup
@@ -154,3 +156,40 @@ def test_adapter_run_uses_its_split_and_alpha(setup, tmp_path):
     assert metrics["alpha"] == json.loads((run / "llmtime.json").read_text())["alpha"]
     systems = np.load(out / "predictions.npz")["systems"].tolist()
     assert systems == Split.load(run / "split.json").val[:3].tolist()
+
+
+def test_a_scaled_adapter_scores_between_the_base_model_and_the_adapter(setup, tmp_path):
+    """--adapter-scale 0 forecasts exactly as the base model; 1 as the adapter as trained."""
+    from qwenlite.train import main as train
+
+    weights, data = setup
+    run = tmp_path / "run"
+    assert train(["--weights", str(weights), "--data", str(data), "--out", str(run),
+                  "--ledger", str(tmp_path / "l.json"), "--context", "48", "--batch", "2",
+                  "--max-steps", "3", "--seed", "5", "--lr", "3e-2", "--logit-bias",
+                  "--no-progress"]) == 0
+
+    def forecast(name, *extra):
+        out = tmp_path / name
+        assert main(["--weights", str(weights), "--data", str(data), "--adapter", str(run),
+                     "--context-steps", "10", "--horizon", "3", "--systems", "4", "--out",
+                     str(out), "--ledger", str(tmp_path / "l.json"), "--no-progress",
+                     *extra]) == 0
+        return np.load(out / "predictions.npz"), json.loads((out / "metrics.json").read_text())
+
+    trained, m1 = forecast("one")
+    same, _ = forecast("one-again", "--adapter-scale", "1")
+    none, m0 = forecast("zero", "--adapter-scale", "0")
+    assert m1["adapter_scale"] == 1 and m0["adapter_scale"] == 0
+    np.testing.assert_array_equal(same["pred_qwen"], trained["pred_qwen"])
+    # λ = 0 is the base model: the zero-shot forecasts of the same systems (same split, same α)
+    from qwenlite.data import Split
+    from qwenlite.data.llmtime import LLMTimeSettings
+
+    model, tok = load_model(weights), Tokenizer(weights)
+    traj = load_dataset(data).trajectories.astype(float)
+    systems = Split.load(run / "split.json").val[:4]
+    base = llm_forecast(model, tok, LLMTimeSettings.load(run / "llmtime.json"),
+                        traj[systems, :10], 3, batch=32, progress=False)
+    assert list(none["texts"]) == base.texts
+    assert list(trained["texts"]) != base.texts  # the adapter changed something to scale

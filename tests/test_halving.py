@@ -19,7 +19,7 @@ from qwenlite.training.ledger import Ledger
 
 TINY = {"base": "halving", "lrs": [3e-3, 1e-3], "ranks": [2, 4], "contexts": [32, 48],
         "default": [3e-3, 2, 48], "rungs": [2, 4], "keep": 2, "branch_steps": 2,
-        "checkpoints": [8, 10], "final_steps": 10, "eval_interval": 2, "eval_windows": 2,
+        "checkpoints": [8, 10], "final_steps": 10, "adapter_scales": [0.5], "eval_interval": 2, "eval_windows": 2,
         "val_systems": 3, "test_systems": 3, "context_steps": 6, "horizon": 2, "eval_batch": 3,
         "dtype": "fp32", "shares_budget_with": []}
 
@@ -37,7 +37,11 @@ def test_the_halving_plan_for_this_machine_spends_half_the_budget(trajectories):
     assert 5e16 <= plan.total_flops <= 1e17
     stages = plan.stages()
     assert list(stages) == ["calibration", "zeroshot", "rung1", "rung2", "branch", "final",
-                            "test"]
+                            "remedy", "test"]
+    assert [e.adapter_scale for e in stages["remedy"]] == [0.5, 0.75, 1.25]
+    assert all(e.parent == "@final:1" and plan.costs[e.name].train_flops == 0
+               and plan.costs[e.name].eval_flops > 0 for e in stages["remedy"])
+    assert stages["test"][0].parent == "@remedy:1"
     assert len(stages["rung1"]) == 9 and len(stages["rung2"]) == 3
     assert [e.parent for e in stages["rung2"]] == ["@rung1:1", "@rung1:2", "@rung1:3"]
     assert stages["final"][-1].steps == plan.scale.final_steps >= 2500
@@ -60,6 +64,34 @@ def test_a_halving_scale_must_line_up():
         load_scale("halving", final_steps=5000)
     with pytest.raises(QwenliteError, match="multiple of eval_interval"):
         load_scale("halving", rungs=(155, 600))
+    for lams in ((1.0,), (0.5, 0.5), (-0.5,)):
+        with pytest.raises(QwenliteError, match="adapter_scales"):
+            load_scale("halving", adapter_scales=lams)
+
+
+def test_a_sweep_takes_a_stage_added_after_it_started_but_no_other_plan(trajectories, tmp_path):
+    from qwenlite.experiments.plan import check_same_plan, save_plan
+
+    config = QwenConfig.from_name("qwen2.5-0.5b")
+    old = build_plan(load_scale("halving", adapter_scales=()), config, trajectories)
+    save_plan(old, tmp_path / "plan.json")
+    raw = json.loads((tmp_path / "plan.json").read_text())
+    del raw["scale"]["adapter_scales"]  # written by code that did not know the field
+    (tmp_path / "plan.json").write_text(json.dumps(raw))
+    (tmp_path / "r2-1").mkdir()  # a sweep part-way through
+    grown = build_plan(load_scale("halving"), config, trajectories)
+    check_same_plan(grown, tmp_path / "plan.json")  # the remedy stage joins: no error
+    (tmp_path / "scale-0.5").mkdir()  # ... unless an added experiment already ran here
+    with pytest.raises(QwenliteError, match="another plan"):
+        check_same_plan(grown, tmp_path / "plan.json")
+    (tmp_path / "scale-0.5").rmdir()
+    for other in (load_scale("halving", keep=2), load_scale("halving", rungs=(150, 500))):
+        with pytest.raises(QwenliteError, match="another plan"):
+            check_same_plan(build_plan(other, config, trajectories), tmp_path / "plan.json")
+    save_plan(grown, tmp_path / "plan.json")  # once saved with the field, it must match
+    with pytest.raises(QwenliteError, match="adapter_scales differs"):
+        check_same_plan(build_plan(load_scale("halving", adapter_scales=(0.5,)), config,
+                                   trajectories), tmp_path / "plan.json")
 
 
 def test_promotion_ranks_by_validation_mae(trajectories):
@@ -124,11 +156,27 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     assert results["final-8"]["settings"]["parent"] == ranking["branch"][0]
     assert results["final-10"]["settings"]["parent"] == "final-8"
     assert "control-bias" not in ranking["branch"]
-    # the final model is the checkpoint with the lowest validation MAE, scored on test once
+    # the final line's best is the checkpoint with the lowest validation MAE
     line = [ranking["branch"][0], "final-8", "final-10"]
     chosen = min(line, key=lambda n: (results[n]["val"]["mae"], results[n]["val_loss"]))
-    assert ranking["final"][0] == chosen == results["final"]["settings"]["parent"]
-    assert results["final"]["val"] == results[chosen]["val"]
+    assert ranking["final"][0] == chosen
+    # the remedy scores that checkpoint's adapter scaled, and ranks it with the unscaled one
+    remedy = results["scale-0.5"]
+    assert remedy["settings"]["parent"] == chosen and remedy["adapter"] == f"{chosen}/train"
+    assert remedy["settings"]["steps"] == results[chosen]["settings"]["steps"]
+    assert remedy["settings"]["adapter_scale"] == 0.5 and "test" not in remedy
+    assert not (out / "scale-0.5" / "train").exists()  # it trains nothing
+    scored = json.loads((out / "scale-0.5" / "eval-val" / "metrics.json").read_text())
+    assert scored["adapter_scale"] == 0.5 and scored["systems"] == 3
+    assert sorted(ranking["remedy"]) == sorted([chosen, "scale-0.5"])
+    # the final model is the best of those by validation MAE, scored on test once
+    top = ranking["remedy"][0]
+    assert results["final"]["settings"]["parent"] == top
+    assert results["final"]["settings"]["adapter_scale"] == (0.5 if top == "scale-0.5" else 1)
+    assert results["final"]["val"] == results[top]["val"]
+    assert results["final"]["adapter"] == f"{chosen}/train"
+    tested = json.loads((out / "final" / "eval-test" / "metrics.json").read_text())
+    assert tested["adapter_scale"] == results["final"]["settings"]["adapter_scale"]
     assert [n for n in names if "test" in results[n]] == ["zeroshot", "final"]
     assert results["zeroshot"]["settings"]["parent"] == "zeroshot-fp32"
     # continuation is exact: the promoted run's curve is an uninterrupted run's
@@ -209,7 +257,9 @@ def test_slurm_script_chains_the_rungs(tmp_path):
     assert subprocess.run(["bash", "-n", str(out / "submit_slurm.sh")]).returncode == 0
     by_stage = {x.split("=", 1)[0]: x for x in script.splitlines() if "sbatch" in x}
     assert list(by_stage) == ["calibration", "zeroshot", "rung1", "rung2", "branch", "final",
-                              "test"]
+                              "remedy", "test"]
+    assert "--dependency=afterok:${final}" in by_stage["remedy"]
+    assert "--dependency=afterok:${remedy}" in by_stage["test"]
     assert "--array=0-8" in by_stage["rung1"]
     assert "--dependency=afterok:${rung1}" in by_stage["rung2"]
     assert "--array=0-2" in by_stage["rung2"]

@@ -177,3 +177,38 @@ def test_peft_users_load_the_logit_bias_beside_the_adapter(ckpt, tmp_path):
     again = load_adapter(load_model(ckpt), tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(again(ids), ours(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_scaled_adapter_adds_lambda_times_its_update(ckpt):
+    from qwenlite.training.lora import add_logit_bias, scale_adapter
+
+    def adapted(lam=None):
+        model = load_model(ckpt)
+        torch.manual_seed(0)  # the same A in every copy
+        apply_lora(model, r=4, alpha=8)
+        _randomize_b(model)
+        with torch.no_grad():
+            add_logit_bias(model).copy_(torch.linspace(-1, 1, model.lm_head.out_features))
+        return model if lam is None else scale_adapter(model, lam)
+
+    ids = _ids()
+    with torch.no_grad():
+        base, full, half = load_model(ckpt)(ids), adapted()(ids), adapted(0.5)(ids)
+        torch.testing.assert_close(adapted(0.0)(ids), base, rtol=0, atol=0)  # λ 0: the base
+        torch.testing.assert_close(adapted(1.0)(ids), full, rtol=0, atol=0)
+        assert not torch.allclose(half, full, atol=1e-4) and not torch.allclose(half, base,
+                                                                                  atol=1e-4)
+        # the update is linear in λ at the layer: W + λBA, and λ × the bias
+        model = adapted(0.5)
+        layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]
+        twin = lora_layers(adapted())["model.layers.0.self_attn.q_proj"]
+        torch.testing.assert_close(layer.delta_weight(), 0.5 * twin.delta_weight())
+        torch.testing.assert_close(model.lm_head.bias,
+                                   0.5 * torch.linspace(-1, 1, model.lm_head.out_features))
+    with pytest.raises(QwenliteError, match=">= 0"):
+        scale_adapter(adapted(), -1.0)
+    merged = adapted()
+    for layer in lora_layers(merged).values():
+        layer.merge()
+    with pytest.raises(QwenliteError, match="before merging"):
+        scale_adapter(merged, 0.5)

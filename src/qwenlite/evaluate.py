@@ -46,6 +46,9 @@ def build_parser() -> ArgumentParser:
                             description="Forecast with Qwen2.5 (zero-shot or a LoRA adapter) and "
                                         "score against baselines.")
     add_forecast_args(parser, adapter_required=False)
+    parser.add_argument("--adapter-scale", type=nonnegative_float, default=1.0, metavar="LAMBDA",
+                        help="score the adapter scaled: W + LAMBDA*BA and LAMBDA x the logit "
+                             "bias (default 1: as trained; 0: the base model)")
     parser.add_argument("--split", choices=("val", "test"), default="val",
                         help="systems to evaluate (test only when asked for)")
     parser.add_argument("--samples", type=positive_int, default=1,
@@ -122,13 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     from qwenlite.evaluation.metrics import crps_from_samples, summarize
     from qwenlite.model.loading import checkpoint_id, load_model
     from qwenlite.training.ledger import Ledger, fmt_flops
-    from qwenlite.training.lora import load_adapter, lora_layers
+    from qwenlite.training.lora import load_adapter, lora_layers, scale_adapter
 
     args = parse_args(argv)
     temperature = args.temperature if args.temperature is not None else (
         0.0 if args.samples == 1 else 0.7)
     if args.samples > 1 and temperature <= 0:
         raise QwenliteError("--samples > 1 needs --temperature > 0 (greedy samples are identical)")
+    if args.adapter_scale != 1 and not args.adapter:
+        raise QwenliteError("--adapter-scale scales an adapter: pass --adapter RUN_DIR")
     device = resolve_device(args.device)
     args.dtype = pick_dtype(args.dtype, device)
     k, h = args.context_steps, args.horizon
@@ -151,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     model = for_device(load_model(weights, dtype=args.dtype, device=device))
     if args.adapter:
         load_adapter(model, Path(args.adapter) / "adapter")
+        scale_adapter(model, args.adapter_scale)
         for layer in lora_layers(model).values():
             layer.merge()  # identical outputs, no extra matmuls while generating
     tok = Tokenizer(weights)
@@ -191,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         results["qwen"]["crps"] = summarize(np.asarray(crps).reshape(len(systems), -1).mean(-1))
     summary = {
         "weights": checkpoint_id(weights),
-        "adapter": None if not args.adapter else os.path.relpath(args.adapter, out_dir), "split": args.split,
+        "adapter": None if not args.adapter else os.path.relpath(args.adapter, out_dir),
+        "adapter_scale": args.adapter_scale if args.adapter else None, "split": args.split,
         "systems": len(systems), "context_steps": k, "horizon": h, "samples": args.samples,
         "temperature": temperature, "top_p": args.top_p, "dtype": args.dtype,
         "alpha": settings.alpha, "decimals": settings.decimals,
@@ -217,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"{name:<12} MAE {m['mae']:.4f}  MSE {m['mse']:.4f}  "
                     f"median-system MAE {mae.get('median', float('nan')):.4f}")
     print(f"{len(systems)} {args.split} systems, {k} -> {h} steps, weights {weights}"
-          + (f", adapter {args.adapter}" if args.adapter else ""))
+          + (f", adapter {args.adapter}" if args.adapter else "")
+          + (f" scaled by {args.adapter_scale:g}" if args.adapter and args.adapter_scale != 1
+             else ""))
     print("\n".join(rows))
     print(f"missing-step rate {results['qwen']['parse']['missing_step_rate']:.3%}, steps the "
           f"grammar changed {results['qwen']['parse']['masked_step_rate']:.3%}; generation "

@@ -15,8 +15,12 @@ A scale with ``rungs`` (cumulative step counts, e.g. ``(150, 600)``) runs:
    LoRA branches is the final model's line;
 5. ``final`` — that line continued segment by segment to each of ``checkpoints`` (the last is
    ``final_steps``), every segment scored on validation;
-6. ``test`` — ``final``: the segment (or the branch it started from) with the lowest validation
-   forecast MAE, scored on the test split. Its number of steps is chosen by forecast error.
+6. ``remedy`` (where the scale has ``adapter_scales``) — the best of the final line (the segment,
+   or the branch it started from, with the lowest validation forecast MAE) with its adapter
+   scaled, W + λ·BA and λ × the logit bias, scored on validation for each λ (``scale-<λ>``);
+   trains nothing, and is ranked with the unscaled adapter (λ = 1);
+7. ``test`` — ``final``: the best of the stage before (``remedy``, else ``final``), scored on the
+   test split. Its number of steps (and λ) is chosen by forecast error.
 
 Every experiment trains only the steps after its parent's (``start``), so the ledger charges
 each step once and the plan's FLOPS sum exactly to the ledger's.
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
 #: the dtypes the calibration compares, and the parent that names the one it chose
 DTYPES = ("fp32", "bf16")
 DTYPE_REF = "@dtype"
+#: the stage that scales the best checkpoint's adapter (:attr:`Experiment.rescales`)
+REMEDY = "remedy"
 
 
 def n_promoted(n: int, keep: int) -> int:
@@ -85,8 +91,10 @@ def experiments(scale: Scale) -> list[Experiment]:
         out.append(Experiment(f"final-{steps}", "final", steps, context=None, logit_bias=None,
                               parent=parent, start=start))
         parent, start = f"final-{steps}", steps
+    out += [Experiment(f"scale-{lam:g}", REMEDY, 0, context=None, logit_bias=None,
+                       parent=ref("final"), adapter_scale=lam) for lam in scale.adapter_scales]
     out.append(Experiment("final", "test", 0, context=None, logit_bias=None,
-                          parent=ref("final"), test=True))
+                          parent=ref(REMEDY if scale.adapter_scales else "final"), test=True))
     return out
 
 
@@ -104,6 +112,10 @@ def check(scale: Scale) -> None:
                             f"final_steps ({scale.final_steps})")
     if scale.keep < 2:
         raise QwenliteError(f"keep must be >= 2 (the best 1/keep are promoted), got {scale.keep}")
+    lams = scale.adapter_scales
+    if any(lam < 0 or lam == 1 for lam in lams) or len(set(lams)) != len(lams):
+        raise QwenliteError(f"adapter_scales must be distinct, >= 0 and not 1 (the unscaled "
+                            f"adapter is always a candidate), got {list(lams)}")
     if scale.eval_interval and any(s % scale.eval_interval for s in steps):
         raise QwenliteError(f"every rung, branch and checkpoint must be a multiple of "
                             f"eval_interval ({scale.eval_interval}), so a continued run "
@@ -123,7 +135,8 @@ def make_choices(plan, results: dict[str, dict], rows_of) -> dict:
     ``ranking[stage]`` is what ``@stage:k`` parents read. The final stage ranks its segments
     with the branch they continue (its checkpoint is the line's first), so the test stage scores
     the checkpoint with the lowest validation forecast error: the final model's steps are chosen
-    by forecast error, not by loss.
+    by forecast error, not by loss. The remedy stage ranks its scaled adapters with the
+    unscaled one (the final stage's best).
     """
     from qwenlite.experiments.runner import METRIC
 
@@ -138,6 +151,8 @@ def make_choices(plan, results: dict[str, dict], rows_of) -> dict:
         rows = [rows_of(results[e.name]) for e in exps]
         if stage == "final" and out["ranking"].get("branch"):
             rows.insert(0, rows_of(results[out["ranking"]["branch"][0]]))
+        if stage == REMEDY and out["ranking"].get("final"):  # λ = 1: the adapter as trained
+            rows.insert(0, rows_of(results[out["ranking"]["final"][0]]))
         ranked = sorted((r for r in rows if _eligible(r)),
                         key=lambda r: (r[METRIC], r.get("val_loss") or float("inf")))
         out["ranking"][stage] = [r["name"] for r in ranked]

@@ -69,6 +69,9 @@ class Scale:
     keep: int = 3
     branch_steps: int = 0
     checkpoints: tuple[int, ...] = ()
+    #: the remedy stage: the final line's best checkpoint with its adapter scaled, W + λ·BA
+    #: (and λ × the logit bias), scored on validation for each λ here; none: no remedy stage
+    adapter_scales: tuple[float, ...] = ()
     #: the dtype every experiment runs in ("auto": the calibration's choice, else bf16 where the
     #: device has bf16 units); generation under the LLMTIME grammar
     dtype: str = "fp32"
@@ -78,7 +81,7 @@ class Scale:
 
     def __post_init__(self) -> None:
         for name in ("lrs", "ranks", "contexts", "default", "rungs", "checkpoints",
-                     "shares_budget_with"):
+                     "adapter_scales", "shares_budget_with"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.dtype not in ("fp32", "bf16", "auto"):
             raise QwenliteError(f"a scale's dtype is fp32, bf16 or auto, got {self.dtype!r}")
@@ -118,12 +121,15 @@ SCALES = {
                      test_systems=150, eval_interval=50, eval_windows=32, train_rate=4.4e11,
                      eval_rate=2.0e11, rate_source="assumed (bf16 on a 2-core CPU with bf16 "
                      "units)", shrunk=True, eval_batch=30, rungs=(150, 600), keep=3,
-                     branch_steps=400, checkpoints=(1600, 2200, 2800, 3400, 4000), dtype="auto",
+                     branch_steps=400, checkpoints=(1600, 2200, 2800, 3400, 4000),
+                     adapter_scales=(0.5, 0.75, 1.25), dtype="auto",
                      grammar=True, shares_budget_with=("../ledger.json", "../diagnosis/ledger.json"),
                      why="the coursework's protocol by successive halving: 9 cells x 150 steps, "
                      "the best 3 continued to 600, the best continued to 4,000 steps with "
                      "branches at 1,000; every step is charged once, so the budget goes to the "
-                     "runs that earn it; batch 4 at context 512, as the coursework's default"),
+                     "runs that earn it; batch 4 at context 512, as the coursework's default; "
+                     "the best checkpoint's adapter scaled by 0.5, 0.75 and 1.25 as a remedy "
+                     "that trains nothing"),
 }
 
 
@@ -145,6 +151,8 @@ class Experiment:
     parent: str = ""
     start: int = 0
     dtype: str | None = None  # None: the sweep's
+    #: λ of the adapter it scores, W + λ·BA and λ × the logit bias (the remedy stage's knob)
+    adapter_scale: float = 1.0
 
     @property
     def trains(self) -> bool:
@@ -152,10 +160,18 @@ class Experiment:
         return self.stage not in ("zeroshot", "calibration")
 
     @property
+    def rescales(self) -> bool:
+        """It trains nothing and scores its parent's adapter scaled by ``adapter_scale`` on
+        validation (the remedy stage); its steps are its parent's."""
+        from qwenlite.experiments.halving import REMEDY
+
+        return self.stage == REMEDY
+
+    @property
     def reuses_parent(self) -> bool:
         """It trains nothing and scores its parent's model (its validation score is the
         parent's): the zero-shot model after the calibration, the final model's test."""
-        return bool(self.parent) and self.steps <= self.start
+        return bool(self.parent) and self.steps <= self.start and not self.rescales
 
     @property
     def new_steps(self) -> int:
@@ -354,21 +370,28 @@ def save_plan(plan: Plan, path: Path, commit: str = "") -> None:
 
 
 def check_same_plan(plan: Plan, path: Path) -> None:
-    """Refuse (one line) to run ``plan`` in a sweep directory that holds another plan's runs."""
+    """Refuse (one line) to run ``plan`` in a sweep directory that holds another plan's runs.
+
+    A plan that grew is the same plan: the old experiments kept in order, the new ones inserted
+    not started yet (no directory), and scale fields the old plan file did not know of (code
+    newer than the sweep) — how a stage is added to a sweep part-way through."""
     from qwenlite.io import read_json_object
 
     if not path.is_file():
         return
     old = read_json_object(path, "sweep plan")
     mine = json.loads(json.dumps(plan.to_dict()))  # tuples as the file holds them: lists
-    for key in ("scale", "experiments"):
-        if key == "scale":
-            a, b = old.get("scale", {}), mine["scale"]
-            diff = [k for k in b if k not in ("train_rate", "eval_rate", "rate_source", "why")
-                    and a.get(k) != b[k]]
-        else:
-            names = [e["name"] for e in old.get("experiments", [])]
-            diff = [] if names == [e["name"] for e in mine["experiments"]] else ["experiments"]
-        if diff:
-            raise QwenliteError(f"{path.parent} holds a sweep with another plan ({diff[0]} "
-                                "differs); use another --out")
+    names = [e["name"] for e in old.get("experiments", [])]
+    new = [e["name"] for e in mine["experiments"]]
+    rest = iter(new)
+    kept = all(name in rest for name in names)  # the old names, in order, within the new
+    added = [n for n in new if n not in set(names)]
+    grown = kept and not any((path.parent / n).exists() for n in added)
+    a, b = old.get("scale", {}), mine["scale"]
+    diff = [k for k in b if k not in ("train_rate", "eval_rate", "rate_source", "why")
+            and a.get(k) != b[k] and (k in a or not grown)]
+    if not diff and not (grown if added else names == new):
+        diff = ["experiments"]
+    if diff:
+        raise QwenliteError(f"{path.parent} holds a sweep with another plan ({diff[0]} "
+                            "differs); use another --out")

@@ -75,8 +75,8 @@ def _pick(candidates: list[dict]) -> dict:
 def _row(result: dict) -> dict:
     s = result["settings"]
     return {"name": result["name"], "lr": s["lr"], "rank": s["rank"], "context": s["context"],
-            "logit_bias": s["logit_bias"], METRIC: result["val"]["mae"],
-            "val_loss": result.get("val_loss")}
+            "logit_bias": s["logit_bias"], "adapter_scale": s.get("adapter_scale", 1.0),
+            METRIC: result["val"]["mae"], "val_loss": result.get("val_loss")}
 
 
 def make_choices(plan: Plan, results: dict[str, dict]) -> dict:
@@ -133,7 +133,8 @@ def resolve(exp: Experiment, choices: dict, results: dict[str, dict] | None = No
 
     An experiment that continues a parent gets the concrete parent (a run-time parent: the
     ranked candidate it names, see :mod:`qwenlite.experiments.halving`) and inherits the
-    parent's settings it leaves open."""
+    parent's settings it leaves open; one that rescales its parent's adapter (the remedy stage)
+    takes the parent's steps, and one that scores its parent's model takes its adapter scale."""
     if exp.parent:
         from qwenlite.experiments import halving
 
@@ -143,6 +144,10 @@ def resolve(exp: Experiment, choices: dict, results: dict[str, dict] | None = No
                                 "finish it first (sweep status)")
         inherited = (results or {})[parent]["settings"]
         exp = dataclasses.replace(exp, parent=parent)
+        if exp.rescales:
+            exp = dataclasses.replace(exp, steps=inherited["steps"], start=inherited["steps"])
+        elif exp.reuses_parent:
+            exp = dataclasses.replace(exp, adapter_scale=inherited.get("adapter_scale", 1.0))
         done = exp.resolved({k: inherited[k] for k in ("lr", "rank", "context", "logit_bias")})
     else:
         done = exp.resolved(choices.get("settings", {}))
@@ -213,11 +218,21 @@ def _continue(ctx: Context, exp: Experiment, d: Path) -> None:
     continue_run(ctx.out / exp.parent / "train", d / "train", changes)
 
 
+def _adapter_of(ctx: Context, exp: Experiment, parent: dict | None) -> Path:
+    """The run directory whose adapter ``exp`` scores: its own, or for one that trains nothing
+    (reusing or rescaling its parent's) the one its parent scored."""
+    if not (exp.reuses_parent or exp.rescales):
+        return ctx.out / exp.name / "train"
+    return ctx.out / (parent.get("adapter") or f"{exp.parent}/train")
+
+
 def run_experiment(ctx: Context, exp: Experiment, env: dict | None = None,
                    log: Path | None = None) -> dict:
     """Train (continuing its parent, resuming) and evaluate one resolved experiment; write and
     return its result. One that reuses its parent (:attr:`Experiment.reuses_parent`) trains
-    nothing: it takes the parent's validation score and adapter and is scored on test."""
+    nothing: it takes the parent's validation score and adapter and is scored on test. One that
+    rescales its parent's adapter (:attr:`Experiment.rescales`) trains nothing either: it scores
+    that adapter, scaled, on validation."""
     s, d = ctx.plan.scale, ctx.out / exp.name
     dtype = exp.dtype or ctx.dtype
     if dtype is None:
@@ -228,11 +243,10 @@ def run_experiment(ctx: Context, exp: Experiment, env: dict | None = None,
     d.mkdir(parents=True, exist_ok=True)
     seconds, val_loss = {}, None
     parent = read_result(ctx.out, exp.parent) if exp.parent else None
-    adapter = d / "train"
+    adapter = _adapter_of(ctx, exp, parent)
     if exp.reuses_parent:
         val_loss = parent.get("val_loss")
-        adapter = ctx.out / exp.parent / "train"
-    elif exp.trains:
+    elif exp.trains and not exp.rescales:
         if exp.parent:
             _continue(ctx, exp, d)
         t0 = time.time()
@@ -256,6 +270,8 @@ def run_experiment(ctx: Context, exp: Experiment, env: dict | None = None,
                                  "--experiment", f"{exp.name} ({split} {n} systems)",
                                  "--grammar" if s.grammar else "--no-grammar",
                                  *(["--adapter", str(adapter)] if exp.trains else []),
+                                 *(["--adapter-scale", f"{exp.adapter_scale:g}"]
+                                   if exp.trains and exp.adapter_scale != 1 else []),
                                  *quiet], env, log)
             seconds[f"eval_{split}"] = round(time.time() - t0, 1)
         scores[split] = _score(out / "metrics.json")
@@ -264,6 +280,7 @@ def run_experiment(ctx: Context, exp: Experiment, env: dict | None = None,
     result = {"name": exp.name, "stage": exp.stage, "settings": dataclasses.asdict(exp),
               "scale": s.name, "shrunk": s.shrunk, "commit": code_version(), "dtype": dtype,
               "weights": checkpoint_id(ctx.weights), "val_loss": val_loss, "seconds": seconds,
+              **({"adapter": adapter.relative_to(ctx.out).as_posix()} if exp.trains else {}),
               "val": scores["val"]["qwen"], "baselines_val": {
                   k: v for k, v in scores["val"].items() if k != "qwen"}}
     if "test" in scores:

@@ -255,6 +255,23 @@ def is_adapter_dir(directory: str | Path) -> bool:
     return (directory / ADAPTER_CONFIG).is_file() or (directory / LOGIT_BIAS_FILE).is_file()
 
 
+@torch.no_grad()
+def scale_adapter(model: nn.Module, lam: float) -> nn.Module:
+    """Scale what the adapter adds by ``lam``: every LoRA update ``W + BA`` becomes
+    ``W + lam·BA`` (through the layers' scaling, before any merge) and the logit bias ``lam``
+    times itself. ``lam`` 0 gives the base model, 1 the adapter as trained."""
+    if lam < 0:
+        raise QwenliteError(f"an adapter scale is >= 0, got {lam}")
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            raise QwenliteError("scale the adapter before merging it")
+        layer.scaling *= lam
+    bias = logit_bias(model)
+    if bias is not None:
+        bias.mul_(lam)
+    return model
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Wrap ``model`` as the adapter's config says and load its weights (strictly), and its
     logit bias when the directory has one."""
