@@ -2,6 +2,7 @@
 # Continue the halving sweep (report/results/halving) in the background, from a worktree of a
 # fixed commit, so that code edited meanwhile never changes the run. Usage, from the checkout:
 #   bash report/run-halving.sh [COMMIT]        (default: HEAD)   -> log in /work/halving.log
+# Commit what it finishes with report/commit-halving.sh (checkpoints once or twice a session).
 # Needs: .venv with qwenlite's dependencies, $QWENLITE_WEIGHTS (the stand-in), ../shared.
 # Times training on this CPU first if calibration.json has no timing from a CPU like it.
 set -euo pipefail

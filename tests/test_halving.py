@@ -224,13 +224,24 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     assert n["h.done"] == n["h.n"] == str(len(names)) and n["h.dtype"] == "fp32"
     assert "pending" not in table and table.count(r"\\") == len(names) - 4 + 1  # + header
     assert n["h.dtype.diff"] == r"\textit{pending}"  # the scale set the dtype: no comparison
+    # every run's numbers by name, and the final model against zero-shot on test, paired
+    from qwenlite.experiments.latex import fixed
+
+    assert n["h.run.final-8.valmae"] == fixed(results["final-8"]["val"]["mae"])
+    assert n["h.run.scale-0.5.n"] == "3" and "h-scale-0.5" in n.done
+    assert n["h.test.model"] == top and n["h.test.all.n"] == "3"
+    assert n["h.test.all"] == fixed(results["final"]["test"]["mae"])
+    assert n["h.test.zsall"] == fixed(results["zeroshot"]["test"]["mae"])
+    assert n["h.test.steps"] == str(results[top]["settings"]["steps"])
+    assert all(n[f"h.test.{p}.diff"] != r"\textit{pending}" for p in ("all", "early", "late"))
     # continued runs against the runs they continue, and the figure of error against steps
     from qwenlite.experiments.decisive import scored_runs
     from qwenlite.experiments.figures import halving_steps
 
     runs, zero, plan_steps = scored_runs(tmp_path)
     by = {r["name"]: r for r in runs}
-    pairs = [(r, by[r["parent"]]) for r in runs if r["parent"] in by]
+    pairs = [(r, by[r["parent"]]) for r in runs if r["parent"] in by and r["stage"] != "remedy"]
+    assert by["scale-0.5"]["steps"] == by[chosen]["steps"]  # a remedy sits at its adapter's steps
     assert len(pairs) == int(n["h.continued"]) > 0
     assert int(n["h.improved"]) == sum(c["mae"] < p["mae"] for c, p in pairs)
     assert int(n["h.lateimproved"]) == sum(c["late"] < p["late"] for c, p in pairs)

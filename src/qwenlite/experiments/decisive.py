@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwenlite.experiments.halving import REMEDY
 from qwenlite.experiments.latex import Numbers, fixed, pct, sci, tabular, tex_escape
 
 PENDING = r"\textit{pending}"
@@ -30,9 +31,18 @@ KEYS = ("n", "done", "planned", "plannedshare", "spent", "spentshare", "valsyste
         "best.parentvalmae", "best.parentlate")
 
 
+#: the final model on test (:func:`_test_numbers`)
+TEST_KEYS = ("model", "steps", "lambda", *(f"{pre}{part}" for pre in ("", "zs")
+                                           for part in ("all", "early", "late")),
+             *(f"{part}.{f}" for part in ("all", "early", "late")
+               for f in ("diff", "lo", "hi", "lower", "n")))
+
+
 def _pending(n: Numbers) -> str:
     for key in KEYS:
         n[f"h.{key}"] = PENDING
+    for key in TEST_KEYS:
+        n[f"h.test.{key}"] = PENDING
     return "% the halving sweep has not started\n"
 
 
@@ -40,6 +50,47 @@ def _quarters(pred: dict) -> tuple[float, float]:
     err = np.abs(pred["pred_qwen"] - pred["truth"])  # (S, h, V)
     q = max(1, err.shape[1] // 4)
     return float(np.nanmean(err[:, :q])), float(np.nanmean(err[:, -q:]))
+
+
+def _system_quarters(pred: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-system MAE over all forecast steps, the first and the last quarter of the horizon."""
+    err = np.abs(pred["pred_qwen"] - pred["truth"])  # (S, h, V)
+    q = max(1, err.shape[1] // 4)
+    return (np.nanmean(err, axis=(1, 2)), np.nanmean(err[:, :q], axis=(1, 2)),
+            np.nanmean(err[:, -q:], axis=(1, 2)))
+
+
+def _paired(n: Numbers, key: str, a: np.ndarray | None, b: np.ndarray | None) -> None:
+    """``key.diff/lo/hi/lower/n``: ``a`` − ``b`` per system, paired interval (pending
+    without both)."""
+    from qwenlite.evaluation.metrics import paired_difference
+
+    p = paired_difference(a, b) if a is not None and b is not None else None
+    for field, value in (("diff", p and f"{p['mean']:+.3f}"), ("lo", p and f"{p['ci'][0]:+.3f}"),
+                         ("hi", p and f"{p['ci'][1]:+.3f}"), ("lower", p and p["lower"]),
+                         ("n", p and p["n"])):
+        n[f"{key}.{field}"] = PENDING if value is None else value
+
+
+def _test_numbers(n: Numbers, sweep, zs_name: str | None) -> None:
+    """``h.test.*``: the final model (the test stage) against the zero-shot model on the test
+    systems, overall and over the first and last quarter of the horizon, paired; its steps,
+    adapter scale and the run it scores. Pending until it has run."""
+    final = sweep.results.get("final")
+    pred = sweep.predictions("final", "test") if final else None
+    zs = sweep.predictions("zeroshot", "test") if zs_name else None
+    same = pred is not None and zs is not None and np.array_equal(pred["systems"], zs["systems"])
+    mine = _system_quarters(pred) if same else (None,) * 3
+    base = _system_quarters(zs) if same else (None,) * 3
+    for part, a, b in zip(("all", "early", "late"), mine, base):
+        n[f"h.test.{part}"] = PENDING if a is None else fixed(float(np.nanmean(a)))
+        n[f"h.test.zs{part}"] = PENDING if b is None else fixed(float(np.nanmean(b)))
+        _paired(n, f"h.test.{part}", a, b)
+    st = final["settings"] if final else {}
+    scored = sweep.results.get(st.get("parent", ""), {}).get("settings", {})
+    n["h.test.model"] = tex_escape(st["parent"]) if final else PENDING
+    n["h.test.steps"] = f"{scored['steps']:,}" if "steps" in scored else PENDING
+    n["h.test.lambda"] = f"{st.get('adapter_scale', 1.0):g}" if final else PENDING
 
 
 def _best(n: Numbers, trained: list) -> None:
@@ -62,12 +113,13 @@ def _best(n: Numbers, trained: list) -> None:
 
 
 def _lineage(n: Numbers, runs: list[dict]) -> None:
-    """``h.continued``: scored runs that continue a scored run; ``h.improved``,
+    """``h.continued``: scored runs that continue training a scored run; ``h.improved``,
     ``h.earlyimproved`` and ``h.lateimproved``: of those, how many lowered the validation MAE,
     overall and over the first and the last quarter of the horizon; ``h.best.parent*``: the
     best run's parent, as it scored (``runs`` as :func:`scored_runs` gives them)."""
     by_name = {r["name"]: r for r in runs}
-    pairs = [(r, by_name[r["parent"]]) for r in runs if r["parent"] in by_name]
+    pairs = [(r, by_name[r["parent"]]) for r in runs
+             if r["parent"] in by_name and r["stage"] != REMEDY]  # a remedy continues nothing
     n["h.continued"] = len(pairs)
     for key, part in (("improved", "mae"), ("earlyimproved", "early"), ("lateimproved", "late")):
         n[f"h.{key}"] = sum(1 for child, parent in pairs if child[part] < parent[part])
@@ -98,7 +150,7 @@ def _scored(sweep, zs_name: str | None) -> tuple[list[dict], dict | None, tuple[
         if pred is None:
             continue
         early, late = _quarters(pred)
-        runs.append({"name": e["name"], "stage": e["stage"], "steps": e["steps"],
+        runs.append({"name": e["name"], "stage": e["stage"], "steps": r["settings"]["steps"],
                      "parent": r["settings"].get("parent") or "", "mae": r["val"]["mae"],
                      "early": early, "late": late})
     steps = tuple(sorted({e["steps"] for e in sweep.plan["experiments"]
@@ -196,24 +248,37 @@ def halving_numbers(n: Numbers, results: Path) -> str:
         last_stage = e["stage"]
         st = r["settings"] if r else e
         parent = st.get("parent") or "--"
-        cells = [tex_escape(name), f"{e['steps']:,}", tex_escape(parent)]
+        # a remedy row's steps are its parent's, known once it ran
+        steps = f"{st['steps']:,}" if r or e["stage"] != REMEDY else PENDING
+        cells = [tex_escape(name), steps, tex_escape(parent)]
         cells += [f"{st['lr']:g}" if st.get("lr") else PENDING,
                   str(st["rank"]) if st.get("rank") is not None else PENDING,
                   str(st["context"]) if st.get("context") else PENDING]
+        key = f"h.run.{name}"
         if name not in scored:
             rows.append(cells + [PENDING] * 4)
+            for field in ("valmae", "early", "late", "diff", "lo", "hi", "lower", "n"):
+                n[f"{key}.{field}"] = PENDING
             continue
+        n.mark_done(f"h-{name}")
         early, late = scored[name]["early"], scored[name]["late"]
+        n[f"{key}.valmae"], n[f"{key}.early"] = fixed(r["val"]["mae"]), fixed(early)
+        n[f"{key}.late"] = fixed(late)
         mine = system_mae(sweep, name, "val")
         cmp, p, lower = "--", None, None
         if base is not None and np.array_equal(base[0], mine[0]):
             p = paired_difference(mine[1], base[1])
             cmp = f"{p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
             lower = int((np.asarray(mine[1]) < np.asarray(base[1])).sum())
-        trained.append((r["val"]["mae"], name, e["steps"], early, late, p, lower))
+        for field, value in (("diff", p and f"{p['mean']:+.3f}"),
+                             ("lo", p and f"{p['ci'][0]:+.3f}"), ("hi", p and f"{p['ci'][1]:+.3f}"),
+                             ("lower", lower), ("n", p and p["n"])):
+            n[f"{key}.{field}"] = PENDING if value is None else value
+        trained.append((r["val"]["mae"], name, st["steps"], early, late, p, lower))
         rows.append(cells + [fixed(r["val"]["mae"]), fixed(early), fixed(late), cmp])
     _best(n, trained)
     _lineage(n, runs)
+    _test_numbers(n, sweep, zs_name)
     if not rows:
         return "% no trained experiment in the halving sweep\n"
     return tabular("lrlrrrrrrl", ["experiment", "steps", "continues", "lr", "rank", "context",

@@ -267,7 +267,7 @@ def halving_steps(runs: list[dict], zero: dict | None, out: Path,
     fig, axes = plt.subplots(1, 3, figsize=(7.2, 2.3), sharey=False)
     by_name = {r["name"]: r for r in runs}
     colours = {"rung1": "tab:blue", "rung2": "tab:orange", "branch": "tab:purple",
-               "final": "tab:red"}
+               "final": "tab:red", "remedy": "tab:green"}  # remedy: a scaled adapter
     for ax, (key, title) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("optimizer steps")
