@@ -22,7 +22,7 @@ PENDING = r"\textit{pending}"
 SUB = "halving"
 UNTRAINED = ("calibration", "zeroshot", "test")  # the stages that train nothing
 KEYS = ("n", "done", "planned", "plannedshare", "spent", "spentshare", "valsystems",
-        "testsystems", "rungs", "keep", "branchsteps", "finalsteps", "checkpoints", "dtype",
+        "testsystems", "rungs", "keep", "branchsteps", "finalsteps", "checkpoints", "lambdas", "dtype",
         "dtype.diff", "dtype.lo", "dtype.hi", "dtype.ties", "dtype.n", "dtype.fp32", "dtype.bf16",
         "cal.cpu", "cal.bf16step", "cal.fp32step", "zs.masked", "zs.valmae", "zs.valmedian",
         "zs.early", "zs.late", "trained", "better", "worse", "best.name", "best.steps", "best.valmae",
@@ -206,6 +206,7 @@ def halving_numbers(n: Numbers, results: Path) -> str:
     n["h.keep"], n["h.branchsteps"] = s["keep"], f"{s['branch_steps']:,}"
     n["h.finalsteps"] = f"{s['final_steps']:,}"
     n["h.checkpoints"] = ", ".join(f"{x:,}" for x in s["checkpoints"])
+    n["h.lambdas"] = ", ".join(f"{x:g}" for x in s.get("adapter_scales", ())) or "--"
     d = _dtype_record(root)
     n["h.dtype"] = d.get("dtype", PENDING)
     diff = d.get("bf16_minus_fp32_mae")
