@@ -19,7 +19,8 @@ from qwenlite.training.ledger import Ledger
 
 TINY = {"base": "halving", "lrs": [3e-3, 1e-3], "ranks": [2, 4], "contexts": [32, 48],
         "default": [3e-3, 2, 48], "rungs": [2, 4], "keep": 2, "branch_steps": 2,
-        "checkpoints": [8, 10], "final_steps": 10, "adapter_scales": [0.5], "eval_interval": 2, "eval_windows": 2,
+        "checkpoints": [8, 10], "final_steps": 10, "adapter_scales": [0.5], "eval_interval": 2,
+        "eval_windows": 2,
         "val_systems": 3, "test_systems": 3, "context_steps": 6, "horizon": 2, "eval_batch": 3,
         "dtype": "fp32", "shares_budget_with": []}
 
@@ -230,6 +231,7 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     assert n["h.run.final-8.valmae"] == fixed(results["final-8"]["val"]["mae"])
     assert n["h.run.scale-0.5.n"] == "3" and "h-scale-0.5" in n.done
     assert n["h.test.model"] == top and n["h.test.all.n"] == "3"
+    assert n["h.choice.remedy"] == top and n["h.choice.final"] == chosen
     assert n["h.test.all"] == fixed(results["final"]["test"]["mae"])
     assert n["h.test.zsall"] == fixed(results["zeroshot"]["test"]["mae"])
     assert n["h.test.steps"] == str(results[top]["settings"]["steps"])

@@ -22,13 +22,14 @@ PENDING = r"\textit{pending}"
 SUB = "halving"
 UNTRAINED = ("calibration", "zeroshot", "test")  # the stages that train nothing
 KEYS = ("n", "done", "planned", "plannedshare", "spent", "spentshare", "valsystems",
-        "testsystems", "rungs", "keep", "branchsteps", "finalsteps", "checkpoints", "lambdas", "dtype",
-        "dtype.diff", "dtype.lo", "dtype.hi", "dtype.ties", "dtype.n", "dtype.fp32", "dtype.bf16",
-        "cal.cpu", "cal.bf16step", "cal.fp32step", "zs.masked", "zs.valmae", "zs.valmedian",
-        "zs.early", "zs.late", "trained", "better", "worse", "best.name", "best.steps", "best.valmae",
-        "best.early", "best.late", "best.diff", "best.lo", "best.hi", "best.lower",
-        "continued", "improved", "earlyimproved", "lateimproved", "best.parent", "best.parentsteps",
-        "best.parentvalmae", "best.parentlate")
+        "testsystems", "rungs", "keep", "branchsteps", "finalsteps", "checkpoints", "lambdas",
+        "dtype", "dtype.diff", "dtype.lo", "dtype.hi", "dtype.ties", "dtype.n", "dtype.fp32",
+        "dtype.bf16", "cal.cpu", "cal.bf16step", "cal.fp32step", "zs.masked", "zs.valmae",
+        "zs.valmedian", "zs.early", "zs.late", "trained", "better", "worse", "best.name",
+        "best.steps", "best.valmae", "best.early", "best.late", "best.diff", "best.lo", "best.hi",
+        "best.lower", "continued", "improved", "earlyimproved", "lateimproved", "best.parent",
+        "best.parentsteps", "best.parentvalmae", "best.parentlate", "choice.rung1",
+        "choice.rung2", "choice.branch", "choice.final", "choice.remedy")
 
 
 #: the final model on test (:func:`_test_numbers`)
@@ -280,6 +281,9 @@ def halving_numbers(n: Numbers, results: Path) -> str:
     _best(n, trained)
     _lineage(n, runs)
     _test_numbers(n, sweep, zs_name)
+    for stage in ("rung1", "rung2", "branch", "final", REMEDY):  # each ranked stage's choice
+        chosen = sweep.choices.get("stages", {}).get(stage, {}).get("chosen")
+        n[f"h.choice.{stage}"] = tex_escape(chosen) if chosen else PENDING
     if not rows:
         return "% no trained experiment in the halving sweep\n"
     return tabular("lrlrrrrrrl", ["experiment", "steps", "continues", "lr", "rank", "context",
