@@ -232,6 +232,7 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     assert n["h.run.scale-0.5.n"] == "3" and "h-scale-0.5" in n.done
     assert n["h.test.model"] == top and n["h.test.all.n"] == "3"
     assert n["h.choice.remedy"] == top and n["h.choice.final"] == chosen
+    assert n["h.margin.final.name"] == ranking["final"][1] and n["h.margin.final.n"] == "3"
     assert n["h.test.all"] == fixed(results["final"]["test"]["mae"])
     assert n["h.test.zsall"] == fixed(results["zeroshot"]["test"]["mae"])
     assert n["h.test.steps"] == str(results[top]["settings"]["steps"])

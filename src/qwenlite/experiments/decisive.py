@@ -29,7 +29,9 @@ KEYS = ("n", "done", "planned", "plannedshare", "spent", "spentshare", "valsyste
         "best.steps", "best.valmae", "best.early", "best.late", "best.diff", "best.lo", "best.hi",
         "best.lower", "continued", "improved", "earlyimproved", "lateimproved", "best.parent",
         "best.parentsteps", "best.parentvalmae", "best.parentlate", "choice.rung1",
-        "choice.rung2", "choice.branch", "choice.final", "choice.remedy")
+        "choice.rung2", "choice.branch", "choice.final", "choice.remedy",
+        *(f"margin.{stage}.{f}" for stage in ("rung1", "rung2", "branch", "final", REMEDY)
+          for f in ("name", "diff", "lo", "hi", "lower", "n")))
 
 
 #: the final model on test (:func:`_test_numbers`)
@@ -63,13 +65,16 @@ def _system_quarters(pred: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _paired(n: Numbers, key: str, a: np.ndarray | None, b: np.ndarray | None) -> None:
     """``key.diff/lo/hi/lower/n``: ``a`` − ``b`` per system, paired interval (pending
-    without both)."""
+    without both); ``key.verdict``: "lower than", "higher than" or "indistinguishable from"
+    (whether the interval excludes 0), words to put between the two names."""
     from qwenlite.evaluation.metrics import paired_difference
 
     p = paired_difference(a, b) if a is not None and b is not None else None
+    verdict = p and ("lower than" if p["ci"][1] < 0 else "higher than" if p["ci"][0] > 0
+                     else "indistinguishable from")
     for field, value in (("diff", p and f"{p['mean']:+.3f}"), ("lo", p and f"{p['ci'][0]:+.3f}"),
                          ("hi", p and f"{p['ci'][1]:+.3f}"), ("lower", p and p["lower"]),
-                         ("n", p and p["n"])):
+                         ("n", p and p["n"]), ("verdict", verdict)):
         n[f"{key}.{field}"] = PENDING if value is None else value
 
 
@@ -157,6 +162,39 @@ def _scored(sweep, zs_name: str | None) -> tuple[list[dict], dict | None, tuple[
     steps = tuple(sorted({e["steps"] for e in sweep.plan["experiments"]
                           if e["stage"] not in UNTRAINED}))
     return runs, zero, steps
+
+
+def _choices(n: Numbers, sweep) -> None:
+    """``h.choice.<stage>``: each ranked stage's choice; ``h.margin.<stage>.*``: the choice
+    against the stage's runner-up on the same validation systems, paired (``.name`` is the
+    runner-up's): whether the choice was distinguishable from the next best."""
+    from qwenlite.experiments.trends import system_mae
+
+    for stage in ("rung1", "rung2", "branch", "final", REMEDY):
+        ranking = sweep.choices.get("ranking", {}).get(stage) or []
+        n[f"h.choice.{stage}"] = tex_escape(ranking[0]) if ranking else PENDING
+        n[f"h.margin.{stage}.name"] = tex_escape(ranking[1]) if len(ranking) > 1 else PENDING
+        a, b = ((system_mae(sweep, x, "val") for x in ranking[:2]) if len(ranking) > 1
+                else (None, None))
+        same = a is not None and b is not None and np.array_equal(a[0], b[0])
+        _paired(n, f"h.margin.{stage}", a[1] if same else None, b[1] if same else None)
+
+
+def _against_base(n: Numbers, sweep, plan: dict) -> None:
+    """``h.vsbase.<run>.{all,late}.*``: each LoRA branch against the branch that continues
+    unchanged (``branch-base``), paired on the validation systems, over all forecast steps and
+    the last quarter of the horizon: what a longer or shorter context, or the bias, changed."""
+    base = sweep.predictions("branch-base", "val") if "branch-base" in sweep.results else None
+    for e in plan["experiments"]:
+        if e["stage"] != "branch" or e["name"] == "branch-base" or not e.get("parent"):
+            continue
+        pred = sweep.predictions(e["name"], "val") if e["name"] in sweep.results else None
+        same = base is not None and pred is not None and np.array_equal(base["systems"],
+                                                                         pred["systems"])
+        mine, theirs = (_system_quarters(pred), _system_quarters(base)) if same else ((None,) * 3,
+                                                                                    (None,) * 3)
+        for part, i in (("all", 0), ("late", 2)):
+            _paired(n, f"h.vsbase.{e['name']}.{part}", mine[i], theirs[i])
 
 
 def _dtype_record(root: Path) -> dict:
@@ -281,9 +319,8 @@ def halving_numbers(n: Numbers, results: Path) -> str:
     _best(n, trained)
     _lineage(n, runs)
     _test_numbers(n, sweep, zs_name)
-    for stage in ("rung1", "rung2", "branch", "final", REMEDY):  # each ranked stage's choice
-        chosen = sweep.choices.get("stages", {}).get(stage, {}).get("chosen")
-        n[f"h.choice.{stage}"] = tex_escape(chosen) if chosen else PENDING
+    _choices(n, sweep)
+    _against_base(n, sweep, plan)
     if not rows:
         return "% no trained experiment in the halving sweep\n"
     return tabular("lrlrrrrrrl", ["experiment", "steps", "continues", "lr", "rank", "context",
