@@ -12,6 +12,10 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 msg=${1:?usage: commit-halving.sh MESSAGE [--checkpoints]}
 dir=report/results/halving
+if ! git diff --cached --quiet -- . ":(exclude)$dir"; then
+  echo "other changes are staged; commit or unstage them first (this commits $dir only)" >&2
+  exit 2
+fi
 if [[ ${2:-} == --checkpoints ]]; then
   git add -A -- "$dir"
 else
@@ -29,5 +33,5 @@ if [[ -n ${SINCE:-} ]]; then
   for c in $(git rev-list "$SINCE"..HEAD); do total=$(( total + $(bytes "$c") )); done
   echo "since $SINCE: $(( total / 1048576 )) MiB of diffs of the 256 MiB a submission may add up to"
 fi
-left=$(git status --porcelain -- "$dir" | grep -c 'state.*\.pt' || true)
+left=$(git status --porcelain -uall -- "$dir" | grep -c 'state.*\.pt' || true)
 [[ $left == 0 ]] || echo "left uncommitted: $left checkpoint file(s) (commit them with --checkpoints before the session ends)"

@@ -65,7 +65,7 @@ def test_a_halving_scale_must_line_up():
         load_scale("halving", final_steps=5000)
     with pytest.raises(QwenliteError, match="multiple of eval_interval"):
         load_scale("halving", rungs=(155, 600))
-    for lams in ((1.0,), (0.5, 0.5), (-0.5,)):
+    for lams in ((1.0,), (0.5, 0.5), (-0.5,), (0.3, 0.3000001)):
         with pytest.raises(QwenliteError, match="adapter_scales"):
             load_scale("halving", adapter_scales=lams)
 
@@ -86,11 +86,15 @@ def test_a_sweep_takes_a_stage_added_after_it_started_but_no_other_plan(trajecto
     with pytest.raises(QwenliteError, match="another plan"):
         check_same_plan(grown, tmp_path / "plan.json")
     (tmp_path / "scale-0.5").rmdir()
+    (tmp_path / "final").mkdir()  # ... or an old one after them that may depend on them
+    with pytest.raises(QwenliteError, match="experiments differs"):
+        check_same_plan(grown, tmp_path / "plan.json")
+    (tmp_path / "final").rmdir()
     for other in (load_scale("halving", keep=2), load_scale("halving", rungs=(150, 500))):
         with pytest.raises(QwenliteError, match="another plan"):
             check_same_plan(build_plan(other, config, trajectories), tmp_path / "plan.json")
     save_plan(grown, tmp_path / "plan.json")  # once saved with the field, it must match
-    with pytest.raises(QwenliteError, match="adapter_scales differs"):
+    with pytest.raises(QwenliteError, match="another plan"):
         check_same_plan(build_plan(load_scale("halving", adapter_scales=(0.5,)), config,
                                    trajectories), tmp_path / "plan.json")
 
@@ -230,12 +234,14 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
 
     assert n["h.run.final-8.valmae"] == fixed(results["final-8"]["val"]["mae"])
     assert n["h.run.scale-0.5.n"] == "3" and "h-scale-0.5" in n.done
-    assert n["h.test.model"] == top and n["h.test.all.n"] == "3"
+    assert n["h.test.model"] == chosen and n["h.test.all.n"] == "3"  # the adapter's run
     assert n["h.choice.remedy"] == top and n["h.choice.final"] == chosen
+    lam = results["final"]["settings"]["adapter_scale"]
+    assert "h-final" in n.done and n["h.test.lambda"] == f"{lam:g}"
     assert n["h.margin.final.name"] == ranking["final"][1] and n["h.margin.final.n"] == "3"
     assert n["h.test.all"] == fixed(results["final"]["test"]["mae"])
     assert n["h.test.zsall"] == fixed(results["zeroshot"]["test"]["mae"])
-    assert n["h.test.steps"] == str(results[top]["settings"]["steps"])
+    assert n["h.test.steps"] == str(results[chosen]["settings"]["steps"])
     assert all(n[f"h.test.{p}.diff"] != r"\textit{pending}" for p in ("all", "early", "late"))
     # continued runs against the runs they continue, and the figure of error against steps
     from qwenlite.experiments.decisive import scored_runs

@@ -246,3 +246,14 @@ def test_the_report_finds_the_sweeps_data_without_flags(tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "gone.h5" in err and "--data" in err
     assert not (tmp_path / "gen2").exists()
+
+
+def test_every_halving_key_the_report_reads_is_defined_before_the_sweep_starts(tmp_path):
+    from qwenlite.experiments.decisive import halving_numbers
+    from qwenlite.experiments.latex import Numbers
+
+    n = Numbers()
+    assert "not started" in halving_numbers(n, tmp_path)  # no halving/plan.json here
+    used = set(re.findall(r"\\R\{(h\.[^{}]*)\}", (ROOT / "report" / "main.tex").read_text()))
+    assert used and used <= set(n.values)
+    assert all(v == r"\textit{pending}" for v in n.values.values())

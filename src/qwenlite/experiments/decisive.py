@@ -19,6 +19,8 @@ from qwenlite.experiments.halving import REMEDY
 from qwenlite.experiments.latex import Numbers, fixed, pct, sci, tabular, tex_escape
 
 PENDING = r"\textit{pending}"
+#: the fields of a paired comparison (:func:`_paired`)
+PAIRED = ("diff", "lo", "hi", "lower", "n", "verdict")
 SUB = "halving"
 UNTRAINED = ("calibration", "zeroshot", "test")  # the stages that train nothing
 KEYS = ("n", "done", "planned", "plannedshare", "spent", "spentshare", "valsystems",
@@ -31,21 +33,35 @@ KEYS = ("n", "done", "planned", "plannedshare", "spent", "spentshare", "valsyste
         "best.parentsteps", "best.parentvalmae", "best.parentlate", "choice.rung1",
         "choice.rung2", "choice.branch", "choice.final", "choice.remedy",
         *(f"margin.{stage}.{f}" for stage in ("rung1", "rung2", "branch", "final", REMEDY)
-          for f in ("name", "diff", "lo", "hi", "lower", "n")))
+          for f in ("name", *PAIRED)))
 
 
+#: each run's numbers by name (``h.run.<name>.*``): validation MAE, by horizon, against zero-shot
+RUN_FIELDS = ("valmae", "early", "late", "diff", "lo", "hi", "lower", "n")
 #: the final model on test (:func:`_test_numbers`)
 TEST_KEYS = ("model", "steps", "lambda", *(f"{pre}{part}" for pre in ("", "zs")
                                            for part in ("all", "early", "late")),
-             *(f"{part}.{f}" for part in ("all", "early", "late")
-               for f in ("diff", "lo", "hi", "lower", "n")))
+             *(f"{part}.{f}" for part in ("all", "early", "late") for f in PAIRED))
 
 
 def _pending(n: Numbers) -> str:
+    """Every key as pending, the per-run ones for the experiments of the default halving plan."""
+    from qwenlite.experiments.halving import experiments
+    from qwenlite.experiments.plan import SCALES
+
     for key in KEYS:
         n[f"h.{key}"] = PENDING
     for key in TEST_KEYS:
         n[f"h.test.{key}"] = PENDING
+    for e in experiments(SCALES["halving"]):
+        if e.stage in UNTRAINED:
+            continue
+        for field in RUN_FIELDS:
+            n[f"h.run.{e.name}.{field}"] = PENDING
+        if e.stage == "branch" and e.name != "branch-base" and e.parent:
+            for part in ("all", "late"):
+                for field in PAIRED:
+                    n[f"h.vsbase.{e.name}.{part}.{field}"] = PENDING
     return "% the halving sweep has not started\n"
 
 
@@ -80,23 +96,34 @@ def _paired(n: Numbers, key: str, a: np.ndarray | None, b: np.ndarray | None) ->
 
 def _test_numbers(n: Numbers, sweep, zs_name: str | None) -> None:
     """``h.test.*``: the final model (the test stage) against the zero-shot model on the test
-    systems, overall and over the first and last quarter of the horizon, paired; its steps,
-    adapter scale and the run it scores. Pending until it has run."""
+    systems: MAE overall (the results' own) and over the first and last quarter of the horizon,
+    each paired per system; the run whose adapter it scores (``model``), that run's steps and
+    the adapter's scale. Pending until it has run, then ``\\IfDone{h-final}`` holds."""
     final = sweep.results.get("final")
+    zero = sweep.results.get("zeroshot")
     pred = sweep.predictions("final", "test") if final else None
-    zs = sweep.predictions("zeroshot", "test") if zs_name else None
+    zs = sweep.predictions("zeroshot", "test") if zs_name and zero else None
     same = pred is not None and zs is not None and np.array_equal(pred["systems"], zs["systems"])
     mine = _system_quarters(pred) if same else (None,) * 3
     base = _system_quarters(zs) if same else (None,) * 3
     for part, a, b in zip(("all", "early", "late"), mine, base):
-        n[f"h.test.{part}"] = PENDING if a is None else fixed(float(np.nanmean(a)))
-        n[f"h.test.zs{part}"] = PENDING if b is None else fixed(float(np.nanmean(b)))
+        if part == "all":  # the overall MAE as every other table gives it
+            a_mean = final["test"]["mae"] if same else None
+            b_mean = zero["test"]["mae"] if same else None
+        else:
+            a_mean = None if a is None else float(np.nanmean(a))
+            b_mean = None if b is None else float(np.nanmean(b))
+        n[f"h.test.{part}"] = PENDING if a_mean is None else fixed(a_mean)
+        n[f"h.test.zs{part}"] = PENDING if b_mean is None else fixed(b_mean)
         _paired(n, f"h.test.{part}", a, b)
     st = final["settings"] if final else {}
-    scored = sweep.results.get(st.get("parent", ""), {}).get("settings", {})
-    n["h.test.model"] = tex_escape(st["parent"]) if final else PENDING
+    run = (final.get("adapter") or f"{st['parent']}/train").split("/")[0] if final else None
+    scored = sweep.results.get(run or "", {}).get("settings", {})
+    n["h.test.model"] = tex_escape(run) if run else PENDING
     n["h.test.steps"] = f"{scored['steps']:,}" if "steps" in scored else PENDING
     n["h.test.lambda"] = f"{st.get('adapter_scale', 1.0):g}" if final else PENDING
+    if same:
+        n.mark_done("h-final")
 
 
 def _best(n: Numbers, trained: list) -> None:
@@ -297,7 +324,7 @@ def halving_numbers(n: Numbers, results: Path) -> str:
         key = f"h.run.{name}"
         if name not in scored:
             rows.append(cells + [PENDING] * 4)
-            for field in ("valmae", "early", "late", "diff", "lo", "hi", "lower", "n"):
+            for field in RUN_FIELDS:
                 n[f"{key}.{field}"] = PENDING
             continue
         n.mark_done(f"h-{name}")

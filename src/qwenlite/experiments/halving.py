@@ -113,7 +113,8 @@ def check(scale: Scale) -> None:
     if scale.keep < 2:
         raise QwenliteError(f"keep must be >= 2 (the best 1/keep are promoted), got {scale.keep}")
     lams = scale.adapter_scales
-    if any(lam < 0 or lam == 1 for lam in lams) or len(set(lams)) != len(lams):
+    if (any(lam < 0 or lam == 1 for lam in lams)
+            or len({f"{lam:g}" for lam in lams}) != len(lams)):  # the names scale-<λ> differ
         raise QwenliteError(f"adapter_scales must be distinct, >= 0 and not 1 (the unscaled "
                             f"adapter is always a candidate), got {list(lams)}")
     if scale.eval_interval and any(s % scale.eval_interval for s in steps):

@@ -373,8 +373,9 @@ def check_same_plan(plan: Plan, path: Path) -> None:
     """Refuse (one line) to run ``plan`` in a sweep directory that holds another plan's runs.
 
     A plan that grew is the same plan: the old experiments kept in order, the new ones inserted
-    not started yet (no directory), and scale fields the old plan file did not know of (code
-    newer than the sweep) — how a stage is added to a sweep part-way through."""
+    where nothing from the first of them on has started (no directory: an old experiment after
+    them may depend on them), and scale fields the old plan file did not know of (code newer
+    than the sweep) — how a stage is added to a sweep part-way through."""
     from qwenlite.io import read_json_object
 
     if not path.is_file():
@@ -386,12 +387,14 @@ def check_same_plan(plan: Plan, path: Path) -> None:
     rest = iter(new)
     kept = all(name in rest for name in names)  # the old names, in order, within the new
     added = [n for n in new if n not in set(names)]
-    grown = kept and not any((path.parent / n).exists() for n in added)
+    # what an added experiment precedes may depend on it (the test on a remedy): none of it
+    # may have started either
+    after = new[new.index(added[0]):] if added else []
+    grown = kept and bool(added) and not any((path.parent / n).exists() for n in after)
     a, b = old.get("scale", {}), mine["scale"]
-    diff = [k for k in b if k not in ("train_rate", "eval_rate", "rate_source", "why")
-            and a.get(k) != b[k] and (k in a or not grown)]
-    if not diff and not (grown if added else names == new):
-        diff = ["experiments"]
+    diff = [] if names == new or grown else ["experiments"]
+    diff += [k for k in b if k not in ("train_rate", "eval_rate", "rate_source", "why")
+             and a.get(k) != b[k] and (k in a or not grown)]
     if diff:
         raise QwenliteError(f"{path.parent} holds a sweep with another plan ({diff[0]} "
                             "differs); use another --out")

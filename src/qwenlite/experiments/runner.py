@@ -270,7 +270,7 @@ def run_experiment(ctx: Context, exp: Experiment, env: dict | None = None,
                                  "--experiment", f"{exp.name} ({split} {n} systems)",
                                  "--grammar" if s.grammar else "--no-grammar",
                                  *(["--adapter", str(adapter)] if exp.trains else []),
-                                 *(["--adapter-scale", f"{exp.adapter_scale:g}"]
+                                 *(["--adapter-scale", repr(exp.adapter_scale)]
                                    if exp.trains and exp.adapter_scale != 1 else []),
                                  *quiet], env, log)
             seconds[f"eval_{split}"] = round(time.time() - t0, 1)

@@ -1,6 +1,6 @@
 """A Slurm job-array script for a plan: one array per stage, each stage waiting for the ones
 whose choices it needs (grid → context and control → final; in a halving plan each stage waits
-for the one before: rung 1 → rung 2 → branches → final → test). A stage whose experiments
+for the one before: rung 1 → rung 2 → branches → final → remedy → test). A stage whose experiments
 continue each other (the final line) is one job that runs them in order. Slurm schedules;
 qwenlite only writes the script (``python -m qwenlite.sweep plan --emit slurm``)."""
 
