@@ -37,7 +37,7 @@ KEYS = ("n", "done", "planned", "plannedshare", "spent", "spentshare", "valsyste
 
 
 #: each run's numbers by name (``h.run.<name>.*``): validation MAE, by horizon, against zero-shot
-RUN_FIELDS = ("valmae", "early", "late", "diff", "lo", "hi", "lower", "n")
+RUN_FIELDS = ("valmae", "early", "late", *PAIRED)
 #: the final model on test (:func:`_test_numbers`)
 TEST_KEYS = ("model", "steps", "lambda", *(f"{pre}{part}" for pre in ("", "zs")
                                            for part in ("all", "early", "late")),
@@ -65,12 +65,6 @@ def _pending(n: Numbers) -> str:
     return "% the halving sweep has not started\n"
 
 
-def _quarters(pred: dict) -> tuple[float, float]:
-    err = np.abs(pred["pred_qwen"] - pred["truth"])  # (S, h, V)
-    q = max(1, err.shape[1] // 4)
-    return float(np.nanmean(err[:, :q])), float(np.nanmean(err[:, -q:]))
-
-
 def _system_quarters(pred: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-system MAE over all forecast steps, the first and the last quarter of the horizon."""
     err = np.abs(pred["pred_qwen"] - pred["truth"])  # (S, h, V)
@@ -79,19 +73,27 @@ def _system_quarters(pred: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.nanmean(err[:, -q:], axis=(1, 2)))
 
 
-def _paired(n: Numbers, key: str, a: np.ndarray | None, b: np.ndarray | None) -> None:
+def _quarters(pred: dict) -> tuple[float, float]:
+    """MAE over the first and the last quarter of the horizon: the mean over systems of
+    :func:`_system_quarters` (every system weighs the same, as in the per-system comparisons)."""
+    _, early, late = _system_quarters(pred)
+    return float(np.nanmean(early)), float(np.nanmean(late))
+
+
+def _paired(n: Numbers, key: str, a: np.ndarray | None, b: np.ndarray | None) -> dict | None:
     """``key.diff/lo/hi/lower/n``: ``a`` − ``b`` per system, paired interval (pending
-    without both); ``key.verdict``: "lower than", "higher than" or "indistinguishable from"
-    (whether the interval excludes 0), words to put between the two names."""
+    without both); ``key.verdict``: :func:`~qwenlite.experiments.trends.verdict`'s words to put
+    between the two names. Returns the comparison
+    (:func:`~qwenlite.evaluation.metrics.paired_difference`), None without both."""
     from qwenlite.evaluation.metrics import paired_difference
+    from qwenlite.experiments.trends import verdict
 
     p = paired_difference(a, b) if a is not None and b is not None else None
-    verdict = p and ("lower than" if p["ci"][1] < 0 else "higher than" if p["ci"][0] > 0
-                     else "indistinguishable from")
     for field, value in (("diff", p and f"{p['mean']:+.3f}"), ("lo", p and f"{p['ci'][0]:+.3f}"),
                          ("hi", p and f"{p['ci'][1]:+.3f}"), ("lower", p and p["lower"]),
-                         ("n", p and p["n"]), ("verdict", verdict)):
+                         ("n", p and p["n"]), ("verdict", p and verdict(*p["ci"]))):
         n[f"{key}.{field}"] = PENDING if value is None else value
+    return p
 
 
 def _test_numbers(n: Numbers, sweep, zs_name: str | None) -> None:
@@ -131,18 +133,17 @@ def _best(n: Numbers, trained: list) -> None:
     below/above 0)
     and ``h.best.*``: the trained run of lowest validation MAE, by horizon and paired."""
     n["h.trained"] = len(trained)
-    n["h.better"] = sum(1 for t in trained if t[5] is not None and t[5]["ci"][1] < 0)
-    n["h.worse"] = sum(1 for t in trained if t[5] is not None and t[5]["ci"][0] > 0)
+    n["h.better"] = sum(1 for *_, p in trained if p is not None and p["ci"][1] < 0)
+    n["h.worse"] = sum(1 for *_, p in trained if p is not None and p["ci"][0] > 0)
     if not trained:
         for key in ("name", "steps", "valmae", "early", "late", "diff", "lo", "hi", "lower"):
             n[f"h.best.{key}"] = PENDING
         return
-    mae, name, steps, early, late, p, lower = min(trained, key=lambda t: t[0])
+    mae, name, steps, early, late, _ = min(trained, key=lambda t: t[0])
     n["h.best.name"], n["h.best.steps"] = tex_escape(name), f"{steps:,}"
     n["h.best.valmae"], n["h.best.early"], n["h.best.late"] = fixed(mae), fixed(early), fixed(late)
-    for key, value in (("diff", p and f"{p['mean']:+.3f}"), ("lo", p and f"{p['ci'][0]:+.3f}"),
-                       ("hi", p and f"{p['ci'][1]:+.3f}"), ("lower", lower)):
-        n[f"h.best.{key}"] = PENDING if value is None else value
+    for key in ("diff", "lo", "hi", "lower"):  # its comparison, as its own row gives it
+        n[f"h.best.{key}"] = n[f"h.run.{name}.{key}"]
 
 
 def _lineage(n: Numbers, runs: list[dict]) -> None:
@@ -252,7 +253,6 @@ def scored_runs(results: Path) -> tuple[list[dict], dict | None, tuple[int, ...]
 
 def halving_numbers(n: Numbers, results: Path) -> str:
     """Fill ``h.*`` from ``results/halving`` and return its table (see the module docstring)."""
-    from qwenlite.evaluation.metrics import paired_difference
     from qwenlite.experiments.calibration import load as load_calibration
     from qwenlite.experiments.collect import PLAN, load_sweep
     from qwenlite.experiments.trends import system_mae
@@ -304,7 +304,7 @@ def halving_numbers(n: Numbers, results: Path) -> str:
     scored = {r["name"]: r for r in runs}
     for key in ("early", "late"):
         n[f"h.zs.{key}"] = PENDING if zero is None else fixed(zero[key])
-    trained: list[tuple[float, str, int, float, float, dict | None, int | None]] = []
+    trained: list[tuple[float, str, int, float, float, dict | None]] = []
     rows, rules, last_stage = [], [], None
     for e in plan["experiments"]:
         name, r = e["name"], sweep.results.get(e["name"])
@@ -332,16 +332,10 @@ def halving_numbers(n: Numbers, results: Path) -> str:
         n[f"{key}.valmae"], n[f"{key}.early"] = fixed(r["val"]["mae"]), fixed(early)
         n[f"{key}.late"] = fixed(late)
         mine = system_mae(sweep, name, "val")
-        cmp, p, lower = "--", None, None
-        if base is not None and np.array_equal(base[0], mine[0]):
-            p = paired_difference(mine[1], base[1])
-            cmp = f"{p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
-            lower = int((np.asarray(mine[1]) < np.asarray(base[1])).sum())
-        for field, value in (("diff", p and f"{p['mean']:+.3f}"),
-                             ("lo", p and f"{p['ci'][0]:+.3f}"), ("hi", p and f"{p['ci'][1]:+.3f}"),
-                             ("lower", lower), ("n", p and p["n"])):
-            n[f"{key}.{field}"] = PENDING if value is None else value
-        trained.append((r["val"]["mae"], name, st["steps"], early, late, p, lower))
+        same = base is not None and np.array_equal(base[0], mine[0])
+        p = _paired(n, key, mine[1] if same else None, base[1] if same else None)
+        cmp = f"{p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]" if p else "--"
+        trained.append((r["val"]["mae"], name, st["steps"], early, late, p))
         rows.append(cells + [fixed(r["val"]["mae"]), fixed(early), fixed(late), cmp])
     _best(n, trained)
     _lineage(n, runs)

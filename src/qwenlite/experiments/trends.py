@@ -98,6 +98,12 @@ def signed(x: float) -> str:
     return f"$-${text}" if x < 0 else f"$+${text}"
 
 
+def verdict(lo: float, hi: float) -> str:
+    """Words to put between two forecasters' names for a paired interval [lo, hi] of a − b:
+    "lower than" where it lies below 0, "higher than" above, else "indistinguishable from"."""
+    return "lower than" if hi < 0 else "higher than" if lo > 0 else "indistinguishable from"
+
+
 def system_mae(sweep: Sweep, name: str, split: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(system ids, per-system MAE of the model's forecasts) of an evaluation, or None."""
     pred = sweep.predictions(name, split)
@@ -142,8 +148,7 @@ def compare(n: Numbers, key: str, sweep: Sweep, a: str | None, b: str | None,
     hardest = np.argsort(-(a_err + b_err), kind="stable")[:top]
     n[f"{key}.top"] = top
     n[f"{key}.topdiff"] = signed(float((a_err[hardest] - b_err[hardest]).sum()) / d["n"])
-    n[f"{key}.verdict"] = ("lower than" if hi < 0 else "higher than" if lo > 0
-                           else "indistinguishable from")
+    n[f"{key}.verdict"] = verdict(lo, hi)
 
 
 def shorter_twin(sweep: Sweep, name: str) -> str | None:
