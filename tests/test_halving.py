@@ -303,3 +303,40 @@ def test_only_checkpoints_that_a_pending_run_may_continue_are_kept(trajectories,
     pruned = halving.prune_checkpoints(tmp_path, plan, {"ranking": ranking}, results)
     assert sorted(pruned) == sorted(rung1[:-3])  # the best three wait for rung 2
     assert all((tmp_path / n / "train" / "state.pt").exists() for n in rung1[-3:])
+
+
+def test_branches_not_taken_and_passed_segments_lose_their_checkpoints(trajectories, tmp_path):
+    plan = build_plan(load_scale("halving", dtype="fp32"), QwenConfig.from_name("qwen2.5-0.5b"),
+                      trajectories)
+    stages = plan.stages()
+    names = {stage: [e.name for e in stages[stage]] for stage in stages}
+    for stage in ("rung1", "rung2", "branch", "final"):
+        for name in names[stage]:
+            (tmp_path / name / "train").mkdir(parents=True)
+            (tmp_path / name / "train" / "state.pt").write_text("x")
+            (tmp_path / name / "train" / "state.prev.pt").write_text("x")
+
+    def kept():
+        return {p.parent.parent.name for p in tmp_path.glob("*/train/state.pt")}
+
+    done = names["rung1"] + names["rung2"] + names["branch"]
+    results = {n: {} for n in done}
+    ranking = {"rung1": names["rung1"], "rung2": names["rung2"],
+               "branch": ["context-768", "branch-base", "control-both", "context-128"]}
+    # the branch stage done but not ranked: the final line may continue any branch
+    halving.prune_checkpoints(tmp_path, plan, {"ranking": {k: ranking[k] for k in
+                                                           ("rung1", "rung2")}}, results)
+    assert set(names["branch"]) <= kept()
+    pruned = halving.prune_checkpoints(tmp_path, plan, {"ranking": ranking}, results)
+    assert "context-768" not in pruned and set(names["branch"]) - {"context-768"} <= set(pruned)
+    assert kept() == {"context-768"} | set(names["final"])
+    assert not (tmp_path / "branch-base" / "train" / "state.prev.pt").exists()
+    # two segments of the final line done: the first was passed, the second continues
+    results |= {n: {} for n in names["final"][:2]}
+    assert halving.prune_checkpoints(tmp_path, plan, {"ranking": ranking}, results) == \
+        ["context-768", names["final"][0]]
+    # the whole sweep done, the remedy and test included: the longest-trained segment stays
+    results |= {e.name: {} for e in plan.experiments}
+    ranking |= {"final": names["final"][::-1], "remedy": [names["final"][-1]]}
+    halving.prune_checkpoints(tmp_path, plan, {"ranking": ranking}, results)
+    assert kept() == {names["final"][-1]}

@@ -231,16 +231,20 @@ def decide_dtype(out, plan, results: dict[str, dict], device_type: str = "cpu") 
 
 # ----- checkpoints no run will continue -----------------------------------------------------------
 def prune_checkpoints(out, plan, choices: dict, results: dict[str, dict]) -> list[str]:
-    """Delete the optimizer checkpoints (``train/state*.pt``) of the rungs' runs that no later
-    experiment can continue any more: those a finished ranking did not promote. Their adapters,
-    curves and scores stay; the checkpoints are what a continuation needs and what is large.
-    Returns the experiments pruned."""
+    """Delete the optimizer checkpoints (``train/state*.pt``) that no experiment still to run
+    can continue: those of the rungs' runs a finished ranking did not promote, of the branches
+    the final line did not take, and of the final line's segments that a later segment has
+    passed. The newest finished segment of the last training stage keeps its checkpoint (the
+    longest-trained model, which a grown plan may continue). Adapters, curves and scores stay;
+    the checkpoints are what a continuation needs and what is large. Returns the experiments
+    pruned."""
     from qwenlite.training.checkpoint import PREV_STATE, STATE
 
     needed: set[str] = set()
     stages = plan.stages()
     for e in plan.experiments:
-        if e.name in results or not e.parent or e.parent == DTYPE_REF:
+        # the remedy and the test score their parent's adapter: they continue no checkpoint
+        if e.name in results or not e.parent or e.parent == DTYPE_REF or not e.new_steps:
             continue
         chosen = parse_ref(e.parent)
         if chosen is None:
@@ -249,11 +253,14 @@ def prune_checkpoints(out, plan, choices: dict, results: dict[str, dict]) -> lis
         stage, place = chosen
         ranking = choices.get("ranking", {}).get(stage)
         needed |= {ranking[place - 1]} if ranking else {x.name for x in stages[stage]}
+    training = [stage for stage, exps in stages.items()
+                if any(e.trains and e.new_steps > 0 and not e.rescales for e in exps)]
+    if training:  # the last training stage's newest finished run
+        done = [e.name for e in stages[training[-1]] if e.name in results]
+        needed |= set(done[-1:])
     pruned = []
-    for stage, exps in stages.items():
-        if not stage.startswith("rung"):
-            continue
-        for e in exps:
+    for stage in training:
+        for e in stages[stage]:
             train = out / e.name / "train"
             if e.name in results and e.name not in needed and (train / STATE).exists():
                 for name in (STATE, PREV_STATE):
