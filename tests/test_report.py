@@ -257,3 +257,42 @@ def test_every_halving_key_the_report_reads_is_defined_before_the_sweep_starts(t
     used = set(re.findall(r"\\R\{(h\.[^{}]*)\}", (ROOT / "report" / "main.tex").read_text()))
     assert used and used <= set(n.values)
     assert all(v == r"\textit{pending}" for v in n.values.values())
+
+
+def test_the_replay_numbers_say_what_repeated_and_what_did_not(tmp_path):
+    import json
+
+    from qwenlite.experiments.decisive import REPRO, repro_numbers
+    from qwenlite.experiments.latex import Numbers
+
+    def log(path, losses):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"step": s, "loss": x}) + "\n"
+                                for s, x in losses.items()))
+
+    def preds(path, pred):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, systems=np.arange(len(pred)), pred_qwen=pred)
+
+    n = Numbers()
+    repro_numbers(n, tmp_path)
+    assert n["repro.same"] == r"\textit{pending}" and "repro" not in n.done
+    run, root = tmp_path / "halving" / "context-768", tmp_path / REPRO
+    before = {1: 0.9, 2: 0.8}
+    log(run / "train" / "metrics.jsonl", before | {3: 0.5, 4: 0.4, 5: 0.3})
+    log(root / "train-from-950" / "metrics.jsonl", before | {3: 0.5, 4: 0.41})  # step 4 differs
+    log(root / "session19-steps-951-959.jsonl", {3: 0.4, 4: 0.41, 5: 0.2})
+    committed = np.random.default_rng(0).random((6, 4, 2))
+    rescored = committed[:4].copy()
+    rescored[2, 3, 1] += 0.01  # one system's last value differs
+    preds(run / "eval-val" / "predictions.npz", committed)
+    preds(root / "eval-val-20" / "predictions.npz", rescored)
+    n = Numbers()
+    repro_numbers(n, tmp_path)
+    assert (n["repro.steps"], n["repro.same"]) == ("2", "1")
+    assert n["repro.other"] == r"25.0\%"  # step 3: |0.5 - 0.4| / 0.4
+    assert (n["repro.evaln"], n["repro.evalsame"]) == ("4", "3")
+    assert "repro" in n.done
+    np.savez(root / "eval-val-20" / "predictions.npz", systems=np.arange(1, 5), pred_qwen=rescored)
+    with pytest.raises(QwenliteError, match="other systems"):
+        repro_numbers(Numbers(), tmp_path)

@@ -88,7 +88,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     from qwenlite.experiments import figures, method
     from qwenlite.experiments import report as R
     from qwenlite.experiments.collect import load_sweep
-    from qwenlite.experiments.decisive import halving_numbers, scored_runs
+    from qwenlite.experiments.decisive import halving_numbers, repro_numbers, scored_runs
     from qwenlite.experiments.latex import Numbers
     from qwenlite.experiments.markdown import results_markdown
     from qwenlite.experiments.plan import CONTEXTS, RANKS, SCALES, build_plan
@@ -124,6 +124,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     replay_numbers(n, sweep)
     horizon_numbers(n, sweep)
     R.diagnosis_numbers(n, diag)
+    repro_numbers(n, Path(results))
     scale = sweep.plan["scale"]  # the coursework's contexts and ranks, and the sweep's own
     method.training_numbers(n, config, dataset.trajectories, split.train, settings, tokenizer,
                             sorted({*CONTEXTS, *scale["contexts"]}),

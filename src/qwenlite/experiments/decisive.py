@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwenlite.errors import QwenliteError
 from qwenlite.experiments.halving import REMEDY
 from qwenlite.experiments.latex import Numbers, fixed, pct, sci, tabular, tex_escape
 
@@ -347,3 +348,46 @@ def halving_numbers(n: Numbers, results: Path) -> str:
     return tabular("lrlrrrrrrl", ["experiment", "steps", "continues", "lr", "rank", "context",
                                   "val MAE", "early", "late", r"$-$ zero-shot [95\% CI]"],
                    rows, tuple(rules))
+
+
+#: the replay that measured whether a halving run repeats (``report/results/<REPRO>/README.md``)
+REPRO = Path("diagnosis") / "repro-context-768"
+REPRO_KEYS = ("steps", "same", "other", "evaln", "evalsame")
+
+
+def _losses(path: Path) -> dict[int, float]:
+    """Training loss by step of a run's ``metrics.jsonl``."""
+    import json
+
+    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def repro_numbers(n: Numbers, results: Path) -> None:
+    """``repro.*``, from the replay of context-768's steps after its step-950 checkpoint
+    (``results/diagnosis/repro-context-768``): ``steps`` replayed, how many of their losses equal
+    the committed run's bit for bit (``same``, the same machine), the largest relative difference
+    from another machine's log of the same steps (``other``), and of the ``evaln`` validation
+    systems rescored with the committed adapter, how many got the same forecast (``evalsame``).
+    Pending without the replay; then ``\\IfDone{repro}`` holds."""
+    root = results / REPRO
+    replay = root / "train-from-950" / "metrics.jsonl"
+    if not replay.is_file():
+        for key in REPRO_KEYS:
+            n[f"repro.{key}"] = PENDING
+        return
+    committed = results / SUB / "context-768"
+    mine, theirs = _losses(replay), _losses(committed / "train" / "metrics.jsonl")
+    other = _losses(root / "session19-steps-951-959.jsonl")
+    steps = sorted(set(mine) & set(other))  # the steps after the checkpoint both replays ran
+    n["repro.steps"] = len(steps)
+    n["repro.same"] = sum(1 for s in steps if mine[s] == theirs.get(s))
+    n["repro.other"] = pct(max(abs(mine[s] - other[s]) / other[s] for s in steps), 1)
+    a = np.load(root / "eval-val-20" / "predictions.npz")
+    b = np.load(committed / "eval-val" / "predictions.npz")
+    k = len(a["systems"])
+    if not np.array_equal(a["systems"], b["systems"][:k]):
+        raise QwenliteError(f"{root} rescored other systems than {committed}'s first {k}")
+    n["repro.evaln"] = k
+    n["repro.evalsame"] = int(np.all(a["pred_qwen"] == b["pred_qwen"][:k], axis=(1, 2)).sum())
+    n.mark_done("repro")
