@@ -301,8 +301,9 @@ def load_results(out: Path, plan: Plan) -> dict[str, dict]:
 
 
 def write_choices(ctx: Context, results: dict[str, dict]) -> dict:
-    """Write ``choices.json``; in a halving sweep, drop the checkpoints of the rungs' runs that
-    were not promoted (:func:`qwenlite.experiments.halving.prune_checkpoints`)."""
+    """Write ``choices.json``; in a halving sweep, drop the checkpoints no run still to come
+    continues: runs not promoted, branches not taken, segments passed
+    (:func:`qwenlite.experiments.halving.prune_checkpoints`)."""
     choices = make_choices(ctx.plan, results)
     atomic_write_text(ctx.out / CHOICES, json.dumps(choices, indent=2) + "\n")
     if ctx.plan.scale.rungs:
