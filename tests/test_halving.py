@@ -255,6 +255,14 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     assert int(n["h.improved"]) == sum(c["mae"] < p["mae"] for c, p in pairs)
     assert int(n["h.lateimproved"]) == sum(c["late"] < p["late"] for c, p in pairs)
     assert by["r2-1"]["parent"] == best[0] and zero is not None
+    # the final line by steps: its branch, its newest segment, its lowest late error
+    assert "h-line" in n.done
+    assert (n["h.line.first.steps"], n["h.line.last.steps"]) == (
+        str(by[line[0]]["steps"]), str(by[line[-1]]["steps"]))
+    assert n["h.line.last.late"] == fixed(by[line[-1]]["late"])
+    low = min(line, key=lambda x: by[x]["late"])
+    assert (n["h.line.minlate.steps"], n["h.line.minlate.late"]) == (
+        str(by[low]["steps"]), fixed(by[low]["late"]))
     assert plan_steps[-1] == 10 and all(r["mae"] == results[r["name"]]["val"]["mae"] for r in runs)
     assert halving_steps(runs, zero, tmp_path / "figs", plan_steps) == "fig-halving-steps"
     assert (tmp_path / "figs" / "fig-halving-steps.pdf").stat().st_size > 0

@@ -45,6 +45,11 @@ TEST_KEYS = ("model", "steps", "lambda", *(f"{pre}{part}" for pre in ("", "zs")
              *(f"{part}.{f}" for part in ("all", "early", "late") for f in PAIRED))
 
 
+#: the final line's checkpoints (:func:`_line`): its first, its last, and the lowest late error
+LINE_KEYS = tuple(f"{at}.{f}" for at in ("first", "last", "minlate")
+                  for f in ("steps", "valmae", "early", "late"))
+
+
 def _pending(n: Numbers) -> str:
     """Every key as pending, the per-run ones for the experiments of the default halving plan."""
     from qwenlite.experiments.halving import experiments
@@ -54,6 +59,8 @@ def _pending(n: Numbers) -> str:
         n[f"h.{key}"] = PENDING
     for key in TEST_KEYS:
         n[f"h.test.{key}"] = PENDING
+    for key in LINE_KEYS:
+        n[f"h.line.{key}"] = PENDING
     for e in experiments(SCALES["halving"]):
         if e.stage in UNTRAINED:
             continue
@@ -166,6 +173,26 @@ def _lineage(n: Numbers, runs: list[dict]) -> None:
         return
     n["h.best.parent"], n["h.best.parentsteps"] = tex_escape(parent["name"]), f"{parent['steps']:,}"
     n["h.best.parentvalmae"], n["h.best.parentlate"] = fixed(parent["mae"]), fixed(parent["late"])
+
+
+def _line(n: Numbers, runs: list[dict], sweep) -> None:
+    """``h.line.{first,last,minlate}.{steps,valmae,early,late}``: how the forecast error moves
+    along the final line — the branch it continues (its first checkpoint), its newest scored
+    segment, and the checkpoint with the lowest error over the last quarter of the horizon.
+    ``\\IfDone{h-line}`` holds once a segment is scored."""
+    by_name = {r["name"]: r for r in runs}
+    branch = (sweep.choices.get("ranking", {}).get("branch") or [None])[0]
+    line = [by_name[branch]] if branch in by_name else []
+    line += [r for r in runs if r["stage"] == "final"]
+    at = {"first": line[0], "last": line[-1],
+          "minlate": min(line, key=lambda r: r["late"])} if len(line) > 1 else {}
+    for key in LINE_KEYS:
+        where, field = key.split(".")
+        r = at.get(where)
+        n[f"h.line.{key}"] = (PENDING if r is None else f"{r['steps']:,}" if field == "steps"
+                              else fixed(r["mae" if field == "valmae" else field]))
+    if at:
+        n.mark_done("h-line")
 
 
 def _scored(sweep, zs_name: str | None) -> tuple[list[dict], dict | None, tuple[int, ...]]:
@@ -340,6 +367,7 @@ def halving_numbers(n: Numbers, results: Path) -> str:
         rows.append(cells + [fixed(r["val"]["mae"]), fixed(early), fixed(late), cmp])
     _best(n, trained)
     _lineage(n, runs)
+    _line(n, runs, sweep)
     _test_numbers(n, sweep, zs_name)
     _choices(n, sweep)
     _against_base(n, sweep, plan)
