@@ -281,15 +281,19 @@ def test_the_replay_numbers_say_what_repeated_and_what_did_not(tmp_path):
     before = {1: 0.9, 2: 0.8}
     log(run / "train" / "metrics.jsonl", before | {3: 0.5, 4: 0.4, 5: 0.3})
     log(root / "train-from-950" / "metrics.jsonl", before | {3: 0.5, 4: 0.41})  # step 4 differs
-    log(root / "session19-steps-951-959.jsonl", {3: 0.4, 4: 0.41, 5: 0.2})
+    log(root / "session19-steps-951-959.jsonl", {1: 0.9, 3: 0.4, 4: 0.41, 5: 0.2})
+    (root / "train-from-950" / "origin.json").write_text(json.dumps({"step": 2}))
     committed = np.random.default_rng(0).random((6, 4, 2))
     rescored = committed[:4].copy()
     rescored[2, 3, 1] += 0.01  # one system's last value differs
     preds(run / "eval-val" / "predictions.npz", committed)
+    n = Numbers()
+    repro_numbers(n, tmp_path)  # no rescored forecasts yet
+    assert n["repro.steps"] == r"\textit{pending}" and "repro" not in n.done
     preds(root / "eval-val-20" / "predictions.npz", rescored)
     n = Numbers()
     repro_numbers(n, tmp_path)
-    assert (n["repro.steps"], n["repro.same"]) == ("2", "1")
+    assert (n["repro.steps"], n["repro.same"]) == ("2", "1")  # after the checkpoint only
     assert n["repro.other"] == r"25.0\%"  # step 3: |0.5 - 0.4| / 0.4
     assert (n["repro.evaln"], n["repro.evalsame"]) == ("4", "3")
     assert "repro" in n.done

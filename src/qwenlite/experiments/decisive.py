@@ -94,11 +94,15 @@ def _paired(n: Numbers, key: str, a: np.ndarray | None, b: np.ndarray | None) ->
     between the two names. Returns the comparison
     (:func:`~qwenlite.evaluation.metrics.paired_difference`), None without both."""
     from qwenlite.evaluation.metrics import paired_difference
-    from qwenlite.experiments.trends import verdict
+    from qwenlite.experiments.trends import NA, signed, verdict  # signed: a real minus
 
     p = paired_difference(a, b) if a is not None and b is not None else None
-    for field, value in (("diff", p and f"{p['mean']:+.3f}"), ("lo", p and f"{p['ci'][0]:+.3f}"),
-                         ("hi", p and f"{p['ci'][1]:+.3f}"), ("lower", p and p["lower"]),
+    if p is not None and p["n"] == 0:  # no system that both scored: nothing to compare
+        for field in PAIRED:
+            n[f"{key}.{field}"] = NA
+        return None
+    for field, value in (("diff", p and signed(p["mean"])), ("lo", p and signed(p["ci"][0])),
+                         ("hi", p and signed(p["ci"][1])), ("lower", p and p["lower"]),
                          ("n", p and p["n"]), ("verdict", p and verdict(*p["ci"]))):
         n[f"{key}.{field}"] = PENDING if value is None else value
     return p
@@ -181,9 +185,9 @@ def _line(n: Numbers, runs: list[dict], sweep) -> None:
     segment, and the checkpoint with the lowest error over the last quarter of the horizon.
     ``\\IfDone{h-line}`` holds once a segment is scored."""
     by_name = {r["name"]: r for r in runs}
-    branch = (sweep.choices.get("ranking", {}).get("branch") or [None])[0]
-    line = [by_name[branch]] if branch in by_name else []
-    line += [r for r in runs if r["stage"] == "final"]
+    segments = [r for r in runs if r["stage"] == "final"]
+    branch = segments[0]["parent"] if segments else None  # what the line continued
+    line = ([by_name[branch]] if branch in by_name else []) + segments
     at = {"first": line[0], "last": line[-1],
           "minlate": min(line, key=lambda r: r["late"])} if len(line) > 1 else {}
     for key in LINE_KEYS:
@@ -282,6 +286,7 @@ def scored_runs(results: Path) -> tuple[list[dict], dict | None, tuple[int, ...]
 def halving_numbers(n: Numbers, results: Path) -> str:
     """Fill ``h.*`` from ``results/halving`` and return its table (see the module docstring)."""
     from qwenlite.experiments.calibration import load as load_calibration
+    from qwenlite.experiments.trends import signed
     from qwenlite.experiments.collect import PLAN, load_sweep
     from qwenlite.experiments.trends import system_mae
 
@@ -362,7 +367,8 @@ def halving_numbers(n: Numbers, results: Path) -> str:
         mine = system_mae(sweep, name, "val")
         same = base is not None and np.array_equal(base[0], mine[0])
         p = _paired(n, key, mine[1] if same else None, base[1] if same else None)
-        cmp = f"{p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]" if p else "--"
+        cmp = (f"{signed(p['mean'])} [{signed(p['ci'][0])}, {signed(p['ci'][1])}]" if p
+               else "--")
         trained.append((r["val"]["mae"], name, st["steps"], early, late, p))
         rows.append(cells + [fixed(r["val"]["mae"]), fixed(early), fixed(late), cmp])
     _best(n, trained)
@@ -393,29 +399,34 @@ def _losses(path: Path) -> dict[int, float]:
 
 def repro_numbers(n: Numbers, results: Path) -> None:
     """``repro.*``, from the replay of context-768's steps after its step-950 checkpoint
-    (``results/diagnosis/repro-context-768``): ``steps`` replayed, how many of their losses equal
-    the committed run's bit for bit (``same``, the same machine), the largest relative difference
-    from another machine's log of the same steps (``other``), and of the ``evaln`` validation
-    systems rescored with the committed adapter, how many got the same forecast (``evalsame``).
-    Pending without the replay; then ``\\IfDone{repro}`` holds."""
-    root = results / REPRO
-    replay = root / "train-from-950" / "metrics.jsonl"
-    if not replay.is_file():
+    (``results/diagnosis/repro-context-768``): ``steps`` replayed after the checkpoint its
+    ``origin.json`` names, how many of their losses equal the committed run's bit for bit
+    (``same``, the same machine), the largest relative difference from another machine's log of
+    the same steps (``other``), and of the ``evaln`` validation systems rescored with the
+    committed adapter, how many got the same forecast (``evalsame``). Pending while any of
+    those files is missing or the logs share no step; then ``\\IfDone{repro}`` holds."""
+    import json
+
+    root, committed = results / REPRO, results / SUB / "context-768"
+    replay = root / "train-from-950"
+    files = (replay / "metrics.jsonl", replay / "origin.json", committed / "train" / "metrics.jsonl",
+             root / "session19-steps-951-959.jsonl", root / "eval-val-20" / "predictions.npz",
+             committed / "eval-val" / "predictions.npz")
+    start = json.loads(files[1].read_text())["step"] if files[1].is_file() else None
+    mine, theirs, other = (_losses(f) if f.is_file() else {} for f in (files[0], files[2], files[3]))
+    steps = sorted(s for s in set(mine) & set(other) if start is not None and s > start)
+    if not all(f.is_file() for f in files) or not steps:
         for key in REPRO_KEYS:
             n[f"repro.{key}"] = PENDING
         return
-    committed = results / SUB / "context-768"
-    mine, theirs = _losses(replay), _losses(committed / "train" / "metrics.jsonl")
-    other = _losses(root / "session19-steps-951-959.jsonl")
-    steps = sorted(set(mine) & set(other))  # the steps after the checkpoint both replays ran
     n["repro.steps"] = len(steps)
     n["repro.same"] = sum(1 for s in steps if mine[s] == theirs.get(s))
     n["repro.other"] = pct(max(abs(mine[s] - other[s]) / other[s] for s in steps), 1)
-    a = np.load(root / "eval-val-20" / "predictions.npz")
-    b = np.load(committed / "eval-val" / "predictions.npz")
+    a, b = np.load(files[4]), np.load(files[5])
     k = len(a["systems"])
     if not np.array_equal(a["systems"], b["systems"][:k]):
         raise QwenliteError(f"{root} rescored other systems than {committed}'s first {k}")
     n["repro.evaln"] = k
-    n["repro.evalsame"] = int(np.all(a["pred_qwen"] == b["pred_qwen"][:k], axis=(1, 2)).sum())
+    n["repro.evalsame"] = sum(np.array_equal(x, y, equal_nan=True)
+                              for x, y in zip(a["pred_qwen"], b["pred_qwen"][:k]))
     n.mark_done("repro")
