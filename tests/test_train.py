@@ -153,6 +153,13 @@ def test_missing_weights_and_corrupt_checkpoint(setup, tmp_path, capsys):
     assert "no readable checkpoint" in capsys.readouterr().err
     assert sorted(p.name for p in run.rglob("*")) == before
     assert saved  # the earlier adapter export existed
+    # no checkpoint at all beside the adapter (deleted by a sweep): refused, not trained afresh
+    (run / "state.pt").unlink()
+    (run / "state.prev.pt").unlink()
+    assert main(_args(setup, run, ledger, "--max-steps", "8")) == 2
+    assert "no checkpoint to go on from" in capsys.readouterr().err
+    assert sorted(p.name for p in run.rglob("*")) == sorted(set(before) - {"state.pt",
+                                                                         "state.prev.pt"})
 
 
 def test_changed_settings_are_refused(setup, tmp_path, capsys):

@@ -101,6 +101,11 @@ def load_checkpoint(run_dir: Path, model, optimizer, device) -> tuple[int, int]:
         raise CheckpointError(
             f"no readable checkpoint in {run_dir} ({STATE} and {PREV_STATE} are "
             "corrupt); move them aside to restart, the rest of the run directory is kept")
+    if (run_dir / "adapter").is_dir():  # saved with every checkpoint: the checkpoint was deleted
+        raise CheckpointError(
+            f"{run_dir} has trained (its adapter is there) but has no checkpoint to go on from "
+            "(a halving sweep deletes those no later run continues); its adapter is what it "
+            "trained: train into a new directory to start again")
     return 0, 0
 
 
