@@ -23,6 +23,11 @@ from qwenlite.training.ledger import Ledger
 PLAN, LEDGER = "plan.json", "ledger.json"
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (a run's ``metrics.jsonl``), blank lines skipped."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 @dataclasses.dataclass
 class LedgerRow:
     """One experiment of a ledger: its training and evaluation FLOPS apart."""
@@ -69,9 +74,7 @@ class Sweep:
     def curve(self, name: str) -> list[dict]:
         """The training run's ``metrics.jsonl`` records (empty for an untrained experiment)."""
         path = self.root / name / "train" / "metrics.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_records(path) if path.is_file() else []
 
     def evaluation(self, name: str, split: str) -> dict | None:
         path = self.root / name / f"eval-{split}" / "metrics.json"

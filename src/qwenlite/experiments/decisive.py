@@ -286,9 +286,8 @@ def scored_runs(results: Path) -> tuple[list[dict], dict | None, tuple[int, ...]
 def halving_numbers(n: Numbers, results: Path) -> str:
     """Fill ``h.*`` from ``results/halving`` and return its table (see the module docstring)."""
     from qwenlite.experiments.calibration import load as load_calibration
-    from qwenlite.experiments.trends import signed
     from qwenlite.experiments.collect import PLAN, load_sweep
-    from qwenlite.experiments.trends import system_mae
+    from qwenlite.experiments.trends import signed, system_mae
 
     root = results / SUB
     if not (root / PLAN).is_file():
@@ -391,10 +390,9 @@ REPRO_KEYS = ("steps", "same", "other", "evaln", "evalsame")
 
 def _losses(path: Path) -> dict[int, float]:
     """Training loss by step of a run's ``metrics.jsonl``."""
-    import json
+    from qwenlite.experiments.collect import read_records
 
-    records = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_records(path) if "loss" in r}
 
 
 def repro_numbers(n: Numbers, results: Path) -> None:
@@ -405,24 +403,28 @@ def repro_numbers(n: Numbers, results: Path) -> None:
     the same steps (``other``), and of the ``evaln`` validation systems rescored with the
     committed adapter, how many got the same forecast (``evalsame``). Pending while any of
     those files is missing or the logs share no step; then ``\\IfDone{repro}`` holds."""
-    import json
+    from qwenlite.io import read_json_object
+    from qwenlite.training.checkpoint import ORIGIN
 
     root, committed = results / REPRO, results / SUB / "context-768"
-    replay = root / "train-from-950"
-    files = (replay / "metrics.jsonl", replay / "origin.json", committed / "train" / "metrics.jsonl",
-             root / "session19-steps-951-959.jsonl", root / "eval-val-20" / "predictions.npz",
-             committed / "eval-val" / "predictions.npz")
-    start = json.loads(files[1].read_text())["step"] if files[1].is_file() else None
-    mine, theirs, other = (_losses(f) if f.is_file() else {} for f in (files[0], files[2], files[3]))
-    steps = sorted(s for s in set(mine) & set(other) if start is not None and s > start)
-    if not all(f.is_file() for f in files) or not steps:
+    replay, origin = root / "train-from-950" / "metrics.jsonl", root / "train-from-950" / ORIGIN
+    run_log = committed / "train" / "metrics.jsonl"
+    other_log = root / "session19-steps-951-959.jsonl"  # another machine's log of those steps
+    rescored = root / "eval-val-20" / "predictions.npz"
+    scored = committed / "eval-val" / "predictions.npz"
+    steps: list[int] = []
+    if all(f.is_file() for f in (replay, origin, run_log, other_log, rescored, scored)):
+        start = read_json_object(origin, "run origin")["step"]
+        mine, theirs, other = _losses(replay), _losses(run_log), _losses(other_log)
+        steps = sorted(s for s in set(mine) & set(other) if s > start)
+    if not steps:
         for key in REPRO_KEYS:
             n[f"repro.{key}"] = PENDING
         return
     n["repro.steps"] = len(steps)
     n["repro.same"] = sum(1 for s in steps if mine[s] == theirs.get(s))
     n["repro.other"] = pct(max(abs(mine[s] - other[s]) / other[s] for s in steps), 1)
-    a, b = np.load(files[4]), np.load(files[5])
+    a, b = np.load(rescored), np.load(scored)
     k = len(a["systems"])
     if not np.array_equal(a["systems"], b["systems"][:k]):
         raise QwenliteError(f"{root} rescored other systems than {committed}'s first {k}")

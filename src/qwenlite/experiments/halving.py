@@ -253,8 +253,7 @@ def prune_checkpoints(out, plan, choices: dict, results: dict[str, dict]) -> lis
         stage, place = chosen
         ranking = choices.get("ranking", {}).get(stage)
         needed |= {ranking[place - 1]} if ranking else {x.name for x in stages[stage]}
-    training = [stage for stage, exps in stages.items()
-                if any(e.trains and e.new_steps > 0 and not e.rescales for e in exps)]
+    training = [stage for stage, exps in stages.items() if any(e.new_steps for e in exps)]
     if training:  # the last training stage's newest finished run
         done = [e.name for e in stages[training[-1]] if e.name in results]
         needed |= set(done[-1:])
