@@ -9,6 +9,12 @@
             [--prompt-steps 80] [--dtype fp32]
         Prefill of LLMTIME prompts (8 of 800-867 tokens by default): one padded, masked batch
         against one prompt at a time at its own length (``qwenlite.generate`` on a CPU).
+    QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py bf16-elementwise [--prompts 8]
+            [--prompt-steps 80] [--new-tokens 40] [--repeats 3]
+        A bf16 model's generation (prefill and greedy decode of LLMTIME prompts) with its RMSNorm
+        and rotary embedding in one pass each (``qwenlite.accel.fused``) and through torch's ops,
+        in alternating rounds; and whether both ways chose the same tokens (they compute the
+        same values, so they must).
     python benchmarks/bench_cpu_measures.py malloc
         Elementwise work on fresh large tensors, with glibc malloc as it is and keeping freed
         memory (``qwenlite.accel.memory``), each in its own process; with page-fault counts.
@@ -244,6 +250,44 @@ def prefill(weights, data, repeats: int, n_prompts: int, steps: int, dtype: str)
         print(f"  {name:12s} prefill " + ", ".join(f"{t:.2f}" for t in times) + " s")
 
 
+def bf16_elementwise(weights, data, repeats: int, n_prompts: int, steps: int,
+                     new_tokens: int) -> None:
+    from qwenlite.accel import apply, fused
+    from qwenlite.data.tokenizer import Tokenizer
+    from qwenlite.evaluation.generation import generate
+    from qwenlite.model import load_model
+
+    prompts = llmtime_prompts(Tokenizer(weights), n_prompts, steps, data)
+    model = apply(load_model(weights, dtype="bf16"))
+    print(f"{machine()}; checkpoint {weights}; bf16; {n_prompts} prompts of "
+          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {new_tokens} new tokens, "
+          f"greedy; {repeats} alternating rounds")
+    norm, rope = fused.rms_norm, fused.rope
+
+    def torch_norm(x, weight, eps):  # the fp32 training kernel stays; a bf16 norm is torch's
+        return None if x.dtype == torch.bfloat16 else norm(x, weight, eps)
+
+    ways = {"one pass (fused)": (norm, rope), "torch's ops": (torch_norm, lambda *a: None)}
+    results: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
+    tokens: dict[str, list[list[int]]] = {}
+    generate(model, prompts[:2], 2, eos_token_id=[])  # warm-up
+    try:
+        for r in range(repeats):
+            for way in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
+                fused.rms_norm, fused.rope = ways[way]
+                with torch.inference_mode():
+                    out = generate(model, prompts, new_tokens, eos_token_id=[])
+                results[way].append((out.prefill_seconds, out.decode_seconds))
+                tokens.setdefault(way, out.tokens)
+    finally:
+        fused.rms_norm, fused.rope = norm, rope
+    for way, times in results.items():
+        print(f"  {way:17s} prefill " + ", ".join(f"{p:.2f}" for p, _ in times)
+              + " s; decode " + ", ".join(f"{d:.2f}" for _, d in times) + " s")
+    same = len({repr(t) for t in tokens.values()}) == 1
+    print(f"  the same tokens both ways: {'yes' if same else 'NO'}")
+
+
 MALLOC_PROBE = """
 import json, resource, time, torch, torch.nn.functional as F
 from qwenlite.accel.memory import keep_freed_memory
@@ -327,12 +371,14 @@ def decode_attention(rows: int, cached: int, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["decode-matmuls", "decode-bound", "decode-step",
-                                         "prefill", "malloc", "decode-attention"])
+                                         "prefill", "malloc", "decode-attention",
+                                         "bf16-elementwise"])
     parser.add_argument("--cached", type=int, default=900, help="cached tokens per sequence")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-steps", type=int, default=80)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--data", default=None)
@@ -354,6 +400,9 @@ def main() -> None:
     elif args.what == "prefill":
         prefill(weights_from_args(args.weights), args.data, args.repeats, args.prompts,
                 args.prompt_steps, args.dtype)
+    elif args.what == "bf16-elementwise":
+        bf16_elementwise(weights_from_args(args.weights), args.data, args.repeats, args.prompts,
+                         args.prompt_steps, args.new_tokens)
     elif args.what == "decode-attention":
         decode_attention(args.rows, args.cached, args.repeats)
     else:

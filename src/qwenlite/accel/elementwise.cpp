@@ -55,6 +55,10 @@ inline void span(int64_t n, int64_t &begin, int64_t &end) {
     end = (me + 1) * per * 8 < n ? (me + 1) * per * 8 : n;
 }
 
+// Fewer elements than this run on the calling thread (a decode step's 8 rows): a parallel
+// region's start and end would cost more than they save (torch's grain size).
+constexpr int64_t kParallelWork = 32768;
+
 }  // namespace
 
 // The gradients of out = bf16(silu(g)) · u, as torch's autograd forms them: du = bf16(dy · s),
@@ -212,7 +216,7 @@ extern "C" void qwenlite_rmsnorm_bf16_fwd(const uint16_t *x, const uint16_t *w, 
                                           float *r_out, int64_t rows, int64_t d, float eps,
                                           int threads) {
     const int64_t d8 = d / 8 * 8;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * d >= kParallelWork)
     for (int64_t i = 0; i < rows; i++) {
         const uint16_t *xr = x + i * d;
         uint16_t *yr = y + i * d;
@@ -237,7 +241,7 @@ extern "C" void qwenlite_rope_bf16(const uint16_t *x, int64_t sb, int64_t sh, in
                                    int64_t cn, uint16_t *out, int64_t B, int64_t H, int64_t N,
                                    int64_t D, int threads) {
     const int64_t h = D / 2, h8 = h / 8 * 8, rows = B * H * N;
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * D >= kParallelWork)
     for (int64_t row = 0; row < rows; row++) {
         const int64_t b = row / (H * N), hd = row / N % H, n = row % N;
         const uint16_t *xr = x + b * sb + hd * sh + n * sn;
