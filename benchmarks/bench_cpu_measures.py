@@ -11,10 +11,11 @@
         against one prompt at a time at its own length (``qwenlite.generate`` on a CPU).
     QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py bf16-elementwise [--prompts 8]
             [--prompt-steps 80] [--new-tokens 40] [--repeats 3]
-        A bf16 model's generation (prefill and greedy decode of LLMTIME prompts) with its RMSNorm
-        and rotary embedding in one pass each (``qwenlite.accel.fused``) and through torch's ops,
-        in alternating rounds; and whether both ways chose the same tokens (they compute the
-        same values, so they must).
+        A bf16 model's RMSNorm and rotary embedding in one pass each (``qwenlite.accel.fused``)
+        against torch's ops: first the two alone, at one prompt's shape (the longest), then the
+        model's generation (prefill and greedy decode of LLMTIME prompts) each way, in
+        alternating rounds, and whether both ways chose the same tokens (they compute the same
+        values, so they must).
     python benchmarks/bench_cpu_measures.py malloc
         Elementwise work on fresh large tensors, with glibc malloc as it is and keeping freed
         memory (``qwenlite.accel.memory``), each in its own process; with page-fault counts.
@@ -250,6 +251,38 @@ def prefill(weights, data, repeats: int, n_prompts: int, steps: int, dtype: str)
         print(f"  {name:12s} prefill " + ", ".join(f"{t:.2f}" for t in times) + " s")
 
 
+def _elementwise_alone(model, n: int, repeats: int) -> None:
+    """One prompt's norms and rotations (n tokens), torch's ops against the one-pass kernels."""
+    from qwenlite.accel import fused
+    from qwenlite.model.norm import RMSNorm
+    from qwenlite.model.rope import RotaryEmbedding
+
+    c, layer = model.config, model.model.layers[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, n, c.hidden_size, generator=gen).to(torch.bfloat16)
+    width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    qkv = torch.randn(1, n, width, generator=gen).to(torch.bfloat16)  # as one projection leaves it
+    q = qkv[..., :c.num_attention_heads * c.head_dim].view(1, n, -1, c.head_dim).transpose(1, 2)
+    k = qkv[..., q.shape[1] * c.head_dim:][..., :c.num_key_value_heads * c.head_dim]
+    k = k.view(1, n, -1, c.head_dim).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(torch.arange(n)[None], torch.bfloat16)
+    norm = layer.input_layernorm
+    ways = {"norm": (lambda: RMSNorm.forward(norm, x),
+                     lambda: fused.rms_norm(x, norm.weight, norm.eps)),
+            "rotation of q and k": (lambda: (RotaryEmbedding.apply(q, cos, sin),
+                                             RotaryEmbedding.apply(k, cos, sin)),
+                                    lambda: (fused.rope(q, cos, sin), fused.rope(k, cos, sin)))}
+    per_forward = {"norm": 2 * c.num_hidden_layers + 1, "rotation of q and k": c.num_hidden_layers}
+    with torch.inference_mode():
+        for name, (theirs, ours) in ways.items():
+            t_theirs = timed(theirs, 20 * repeats, warmup=2)[0]
+            t_ours = timed(ours, 20 * repeats, warmup=2)[0]
+            calls = per_forward[name]
+            print(f"  {name} at {n} tokens: torch's ops {1e3 * t_theirs:.3f} ms, one pass "
+                  f"{1e3 * t_ours:.3f} ms; x{calls} a forward: {1e3 * calls * t_theirs:.1f} against "
+                  f"{1e3 * calls * t_ours:.1f} ms")
+
+
 def bf16_elementwise(weights, data, repeats: int, n_prompts: int, steps: int,
                      new_tokens: int) -> None:
     from qwenlite.accel import apply, fused
@@ -263,6 +296,7 @@ def bf16_elementwise(weights, data, repeats: int, n_prompts: int, steps: int,
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {new_tokens} new tokens, "
           f"greedy; {repeats} alternating rounds")
     norm, rope = fused.rms_norm, fused.rope
+    _elementwise_alone(model, max(map(len, prompts)), repeats)
 
     def torch_norm(x, weight, eps):  # the fp32 training kernel stays; a bf16 norm is torch's
         return None if x.dtype == torch.bfloat16 else norm(x, weight, eps)
