@@ -9,13 +9,6 @@
             [--prompt-steps 80] [--dtype fp32]
         Prefill of LLMTIME prompts (8 of 800-867 tokens by default): one padded, masked batch
         against one prompt at a time at its own length (``qwenlite.generate`` on a CPU).
-    QWENLITE_WEIGHTS=DIR python benchmarks/bench_cpu_measures.py bf16-elementwise [--prompts 8]
-            [--prompt-steps 80] [--new-tokens 40] [--repeats 3]
-        A bf16 model's RMSNorm and rotary embedding in one pass each (``qwenlite.accel.fused``)
-        against torch's ops: first the two alone, at one prompt's shape (the longest), then the
-        model's generation (prefill and greedy decode of LLMTIME prompts) each way, in
-        alternating rounds, and whether both ways chose the same tokens (they compute the same
-        values, so they must).
     python benchmarks/bench_cpu_measures.py malloc
         Elementwise work on fresh large tensors, with glibc malloc as it is and keeping freed
         memory (``qwenlite.accel.memory``), each in its own process; with page-fault counts.
@@ -251,77 +244,6 @@ def prefill(weights, data, repeats: int, n_prompts: int, steps: int, dtype: str)
         print(f"  {name:12s} prefill " + ", ".join(f"{t:.2f}" for t in times) + " s")
 
 
-def _elementwise_alone(model, n: int, repeats: int) -> None:
-    """One prompt's norms and rotations (n tokens), torch's ops against the one-pass kernels."""
-    from qwenlite.accel import fused
-    from qwenlite.model.norm import RMSNorm
-    from qwenlite.model.rope import RotaryEmbedding
-
-    c, layer = model.config, model.model.layers[0]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, n, c.hidden_size, generator=gen).to(torch.bfloat16)
-    width = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-    qkv = torch.randn(1, n, width, generator=gen).to(torch.bfloat16)  # as one projection leaves it
-    q = qkv[..., :c.num_attention_heads * c.head_dim].view(1, n, -1, c.head_dim).transpose(1, 2)
-    k = qkv[..., q.shape[1] * c.head_dim:][..., :c.num_key_value_heads * c.head_dim]
-    k = k.view(1, n, -1, c.head_dim).transpose(1, 2)
-    cos, sin = model.model.rotary_emb(torch.arange(n)[None], torch.bfloat16)
-    norm = layer.input_layernorm
-    ways = {"norm": (lambda: RMSNorm.forward(norm, x),
-                     lambda: fused.rms_norm(x, norm.weight, norm.eps)),
-            "rotation of q and k": (lambda: (RotaryEmbedding.apply(q, cos, sin),
-                                             RotaryEmbedding.apply(k, cos, sin)),
-                                    lambda: (fused.rope(q, cos, sin), fused.rope(k, cos, sin)))}
-    per_forward = {"norm": 2 * c.num_hidden_layers + 1, "rotation of q and k": c.num_hidden_layers}
-    with torch.inference_mode():
-        for name, (theirs, ours) in ways.items():
-            t_theirs = timed(theirs, 20 * repeats, warmup=2)[0]
-            t_ours = timed(ours, 20 * repeats, warmup=2)[0]
-            calls = per_forward[name]
-            print(f"  {name} at {n} tokens: torch's ops {1e3 * t_theirs:.3f} ms, one pass "
-                  f"{1e3 * t_ours:.3f} ms; x{calls} a forward: {1e3 * calls * t_theirs:.1f} against "
-                  f"{1e3 * calls * t_ours:.1f} ms")
-
-
-def bf16_elementwise(weights, data, repeats: int, n_prompts: int, steps: int,
-                     new_tokens: int) -> None:
-    from qwenlite.accel import apply, fused
-    from qwenlite.data.tokenizer import Tokenizer
-    from qwenlite.evaluation.generation import generate
-    from qwenlite.model import load_model
-
-    prompts = llmtime_prompts(Tokenizer(weights), n_prompts, steps, data)
-    model = apply(load_model(weights, dtype="bf16"))
-    print(f"{machine()}; checkpoint {weights}; bf16; {n_prompts} prompts of "
-          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {new_tokens} new tokens, "
-          f"greedy; {repeats} alternating rounds")
-    norm, rope = fused.rms_norm, fused.rope
-    _elementwise_alone(model, max(map(len, prompts)), repeats)
-
-    def torch_norm(x, weight, eps):  # the fp32 training kernel stays; a bf16 norm is torch's
-        return None if x.dtype == torch.bfloat16 else norm(x, weight, eps)
-
-    ways = {"one pass (fused)": (norm, rope), "torch's ops": (torch_norm, lambda *a: None)}
-    results: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
-    tokens: dict[str, list[list[int]]] = {}
-    generate(model, prompts[:2], 2, eos_token_id=[])  # warm-up
-    try:
-        for r in range(repeats):
-            for way in (list(ways) if r % 2 == 0 else list(ways)[::-1]):
-                fused.rms_norm, fused.rope = ways[way]
-                with torch.inference_mode():
-                    out = generate(model, prompts, new_tokens, eos_token_id=[])
-                results[way].append((out.prefill_seconds, out.decode_seconds))
-                tokens.setdefault(way, out.tokens)
-    finally:
-        fused.rms_norm, fused.rope = norm, rope
-    for way, times in results.items():
-        print(f"  {way:17s} prefill " + ", ".join(f"{p:.2f}" for p, _ in times)
-              + " s; decode " + ", ".join(f"{d:.2f}" for _, d in times) + " s")
-    same = len({repr(t) for t in tokens.values()}) == 1
-    print(f"  the same tokens both ways: {'yes' if same else 'NO'}")
-
-
 MALLOC_PROBE = """
 import json, resource, time, torch, torch.nn.functional as F
 from qwenlite.accel.memory import keep_freed_memory
@@ -405,14 +327,12 @@ def decode_attention(rows: int, cached: int, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["decode-matmuls", "decode-bound", "decode-step",
-                                         "prefill", "malloc", "decode-attention",
-                                         "bf16-elementwise"])
+                                         "prefill", "malloc", "decode-attention"])
     parser.add_argument("--cached", type=int, default=900, help="cached tokens per sequence")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-steps", type=int, default=80)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--rows", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--data", default=None)
@@ -434,9 +354,6 @@ def main() -> None:
     elif args.what == "prefill":
         prefill(weights_from_args(args.weights), args.data, args.repeats, args.prompts,
                 args.prompt_steps, args.dtype)
-    elif args.what == "bf16-elementwise":
-        bf16_elementwise(weights_from_args(args.weights), args.data, args.repeats, args.prompts,
-                         args.prompt_steps, args.new_tokens)
     elif args.what == "decode-attention":
         decode_attention(args.rows, args.cached, args.repeats)
     else:

@@ -1,6 +1,4 @@
-"""Elementwise passes in one pass each (``elementwise.cpp``): SwiGLU's gating backward and
-RMSNorm forward and backward for a training step; RMSNorm and the rotary embedding for a bf16
-model's forward (evaluation, the prefill of generation).
+"""SwiGLU's gating and RMSNorm in one pass each, forward and backward (``elementwise.cpp``).
 
 A LoRA step at 4×512 tokens runs SwiGLU's ``silu(g)·u`` over 24 × (2048 × 4864) bf16 values and
 49 RMSNorms over (2048 × 896) fp32 ones. torch takes two passes for the first forward and four
@@ -9,18 +7,9 @@ gating and 13 ms a norm, forward and backward (``python benchmarks/profile_train
 fifth of a bf16 step. The kernels here take one pass each, with torch's roundings
 (``elementwise.cpp``); SwiGLU's forward stays torch's (:func:`swiglu`).
 
-A bf16 model's forward spent more than a third of its time outside the matmuls and attention:
-profiled on an AVX512-BF16 EPYC (one 830-token prompt, the sweep running beside it), the bf16
-norm's widen-square-sum-divide-rsqrt-multiply-narrow-multiply and the rotation's
-neg-cat-multiply-add passes took ~28% of the forward. :func:`rms_norm` (bf16) and :func:`rope` take one
-pass each, and give torch's values bit for bit: the rotation rounds as torch does, and the norm
-sums each row's squares in the order torch's sum kernel does (``torch_order_sum_sq``), so a
-forecast made through them is the forecast the plain model makes.
-
-:func:`swiglu` (bf16), :func:`rms_norm` (fp32 with a frozen weight; bf16 without gradients) and
-:func:`rope` (bf16 without gradients) return None for what they do not take — other dtypes,
-strided tensors, a trainable norm weight, a dispatch mode watching (a FLOPS counter), a machine
-where the library is not built — and the caller runs torch's ops.
+:func:`swiglu` (bf16) and :func:`rms_norm` (fp32, a frozen weight) return None for what they do
+not take — other dtypes, strided tensors, a trainable norm weight, a dispatch mode watching (a
+FLOPS counter), a machine where the library is not built — and the caller runs torch's ops.
 """
 
 from __future__ import annotations
@@ -92,25 +81,15 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """:class:`~qwenlite.model.norm.RMSNorm`'s forward for CPU ``x`` (..., d) and a frozen
-    contiguous ``weight`` (d,) of its dtype, through the kernel: fp32 differentiable in ``x``,
-    bf16 where nothing needs a gradient (a bf16 model's forward); None where it does not
-    serve."""
-    if (x.dtype not in (torch.float32, BF16) or weight.dtype != x.dtype
-            or x.device.type != "cpu" or weight.dim() != 1 or x.shape[-1] != weight.shape[0]
-            or x.numel() == 0 or not weight.is_contiguous() or not _plain(x, weight)
+    """:class:`~qwenlite.model.norm.RMSNorm`'s forward for fp32 CPU ``x`` (..., d) and a frozen
+    contiguous fp32 ``weight`` (d,), through the kernel (differentiable in ``x``); None where it
+    does not serve."""
+    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+            or weight.dim() != 1 or x.shape[-1] != weight.shape[0] or x.numel() == 0
+            or not weight.is_contiguous() or not _plain(x, weight)
             or (weight.requires_grad and torch.is_grad_enabled())
             or skinny.library() is None):
         return None
-    if x.dtype == BF16:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return None
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y = torch.empty_like(x2)
-        skinny.library().rmsnorm_bf16_fwd(x2.data_ptr(), weight.data_ptr(), y.data_ptr(), None,
-                                          x2.shape[0], x2.shape[1], float(eps),
-                                          torch.get_num_threads())
-        return y.view(x.shape)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     if torch.is_grad_enabled() and x.requires_grad:
         y = _RMSNorm.apply(x2, weight, float(eps))
@@ -119,34 +98,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return y.view(x.shape)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-    """:meth:`RotaryEmbedding.apply <qwenlite.model.rope.RotaryEmbedding.apply>` for bf16 CPU
-    ``x`` (batch, heads, n, head_dim), any strides but a contiguous last dimension, and tables
-    (batch or 1, 1, n, head_dim), where nothing needs a gradient: one pass, the same bf16 values
-    bit for bit, in a contiguous tensor. None where it does not serve."""
-    if (x.dtype != BF16 or cos.dtype != BF16 or sin.dtype != BF16 or x.dim() != 4
-            or x.device.type != "cpu" or x.shape[-1] % 2 or x.numel() == 0
-            or cos.shape != sin.shape or cos.dim() != 4 or cos.shape[1] != 1
-            or cos.shape[0] not in (1, x.shape[0]) or cos.shape[2:] != x.shape[2:]
-            or x.stride(-1) != 1 or cos.stride() != sin.stride() or cos.stride(-1) != 1
-            or (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad
-                                             or sin.requires_grad))
-            or not _plain(x, cos, sin) or skinny.library() is None):
-        return None
-    b, h, n, d = x.shape
-    out = torch.empty((b, h, n, d), dtype=BF16)
-    table_b = cos.stride(0) if cos.shape[0] > 1 else 0
-    skinny.library().rope_bf16(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2),
-                               cos.data_ptr(), sin.data_ptr(), table_b, cos.stride(2),
-                               out.data_ptr(), b, h, n, d, torch.get_num_threads())
-    return out
-
-
 def self_check(lib) -> bool:
     """The kernels against torch's ops in float64 (called by :mod:`skinny` before the library
     serves): SwiGLU's backward in bf16 over a length with a tail, RMSNorm forward and
-    backward over rows with a tail (and its bf16 forward), the bf16 rotation over strided
-    rows."""
+    backward over rows with a tail."""
     gen = torch.Generator().manual_seed(3)
     n = 8 * 5 + 3
     g = (3 * torch.randn(n, generator=gen)).to(BF16)
@@ -175,24 +130,5 @@ def self_check(lib) -> bool:
         xd = x.double().requires_grad_(True)
         ref = w.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
         (ref_dx,) = torch.autograd.grad(ref, xd, dy.double())
-    if not (torch.allclose(y.double(), ref.detach(), rtol=1e-5, atol=1e-6)
-            and torch.allclose(dx.double(), ref_dx, rtol=1e-4, atol=1e-5)):
-        return False
-    xb, wb = x.to(BF16), w.to(BF16)
-    yb = torch.empty_like(xb)
-    lib.rmsnorm_bf16_fwd(xb.data_ptr(), wb.data_ptr(), yb.data_ptr(), None, rows, d, 1e-6, 1)
-    xd = xb.double()
-    ref = wb.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
-    if not torch.allclose(yb.double(), ref, rtol=2e-2, atol=1e-2):
-        return False
-    # the rotation over strided rows, a half that leaves a tail, one table per sequence
-    x = torch.randn(2, 5, 3, 2 * 8 + 6, generator=gen).to(BF16).transpose(1, 2)
-    cos, sin = (torch.randn(2, 1, 5, 22, generator=gen).to(BF16) for _ in range(2))
-    out = torch.empty(x.shape, dtype=BF16)
-    lib.rope_bf16(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(),
-                  sin.data_ptr(), cos.stride(0), cos.stride(2), out.data_ptr(), *x.shape, 1)
-    half = x.shape[-1] // 2
-    xd = x.double()
-    rotated = torch.cat((-xd[..., half:], xd[..., :half]), dim=-1)
-    ref = xd * cos.double() + rotated * sin.double()
-    return torch.allclose(out.double(), ref, rtol=2e-2, atol=2e-2)
+    return (torch.allclose(y.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+            and torch.allclose(dx.double(), ref_dx, rtol=1e-4, atol=1e-5))

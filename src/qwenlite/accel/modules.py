@@ -1,8 +1,7 @@
 """The seam: accelerated subclasses of the model's modules, swapped in after loading.
 
 :mod:`qwenlite.model` defines the steps a backend may override — :meth:`Attention.project_qkv
-<qwenlite.model.attention.Attention.project_qkv>`, :meth:`Attention.rotate
-<qwenlite.model.attention.Attention.rotate>`, :meth:`Attention.attend
+<qwenlite.model.attention.Attention.project_qkv>`, :meth:`Attention.attend
 <qwenlite.model.attention.Attention.attend>`, :meth:`SwiGLU.project_gate_up
 <qwenlite.model.mlp.SwiGLU.project_gate_up>` and :meth:`~qwenlite.model.mlp.SwiGLU.gate_values`,
 ``RMSNorm.forward``, ``nn.Linear.forward`` and the model's
@@ -53,18 +52,10 @@ def new_cache(n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim
 
 
 class AcceleratedAttention(Attention):
-    """q, k and v projected in one call, a bf16 model's rotation in one pass
-    (:func:`~qwenlite.accel.fused.rope`) and attention routed by
-    :mod:`~qwenlite.accel.kernels`."""
+    """q, k and v projected in one call and attention routed by :mod:`~qwenlite.accel.kernels`."""
 
     def project_qkv(self, x):
         return kernels.linears(x, (self.q_proj, self.k_proj, self.v_proj))
-
-    def rotate(self, q, k, cos, sin):
-        fast_q, fast_k = fused.rope(q, cos, sin), fused.rope(k, cos, sin)
-        if fast_q is None or fast_k is None:
-            return super().rotate(q, k, cos, sin)
-        return fast_q, fast_k
 
     def attend(self, q, k, v, mask, causal, cache=None):
         if self.impl == "eager":
@@ -87,7 +78,7 @@ class AcceleratedSwiGLU(SwiGLU):
 
 
 class AcceleratedRMSNorm(RMSNorm):
-    """A norm with a frozen weight in one pass each way (fp32) or forward (a bf16 model's)
+    """An fp32 norm with a frozen weight in one pass each way
     (:func:`~qwenlite.accel.fused.rms_norm`)."""
 
     def forward(self, x):

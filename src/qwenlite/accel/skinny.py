@@ -58,8 +58,7 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in
                 ("skinny.h", "skinny_linears.cpp", "skinny_attention.cpp", "xent.cpp",
                  "elementwise.cpp"))
 """The library's source: a header all share, the few-row matmuls and the decode attention, and
-the elementwise kernels (the loss's softmax cross-entropy, RMSNorm, SwiGLU's backward and the
-rotary embedding)."""
+the training kernels (the loss's softmax cross-entropy, RMSNorm and SwiGLU's backward)."""
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -161,12 +160,6 @@ class _Kernels:
         self.rmsnorm_bwd = lib.qwenlite_rmsnorm_bwd
         self.rmsnorm_bwd.argtypes = [p, p, p, p, p, i64, i64, i32]
         self.rmsnorm_bwd.restype = None
-        self.rmsnorm_bf16_fwd = lib.qwenlite_rmsnorm_bf16_fwd
-        self.rmsnorm_bf16_fwd.argtypes = [p, p, p, p, i64, i64, f32, i32]
-        self.rmsnorm_bf16_fwd.restype = None
-        self.rope_bf16 = lib.qwenlite_rope_bf16
-        self.rope_bf16.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, i64, i64, i64, i64, i32]
-        self.rope_bf16.restype = None
 
 
 def _self_check(lib: _Kernels) -> bool:

@@ -60,9 +60,8 @@ class Attention(nn.Module):
     operations that :meth:`flops` counts (scores, scale, mask, softmax, weighted values), which
     lets tests check the count against an operation counter.
 
-    :meth:`project_qkv`, :meth:`rotate` and :meth:`attend` are the steps a backend may override
-    (a subclass swapped in after loading, as :mod:`qwenlite.accel` does); they compute the same
-    values.
+    :meth:`project_qkv` and :meth:`attend` are the two steps a backend may override (a subclass
+    swapped in after loading, as :mod:`qwenlite.accel` does); they compute the same values.
     """
 
     def __init__(self, config, layer_idx: int = 0):
@@ -103,7 +102,8 @@ class Attention(nn.Module):
         q = q.view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rotate(q, k, cos, sin)
+        q = RotaryEmbedding.apply(q, cos, sin)
+        k = RotaryEmbedding.apply(k, cos, sin)
         source = None
         if cache is not None:
             k_all, v_all = cache.update(self.layer_idx, cache_start, k, v)
@@ -116,13 +116,6 @@ class Attention(nn.Module):
         """x: (batch, n, hidden) -> q (batch, n, heads·head_dim), k and v (batch, n,
         kv_heads·head_dim)."""
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
-    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q (batch, heads, n, head_dim) and k (batch, kv_heads, n, head_dim) rotated by their
-        positions' cos and sin (:meth:`RotaryEmbedding.apply
-        <qwenlite.model.rope.RotaryEmbedding.apply>`)."""
-        return RotaryEmbedding.apply(q, cos, sin), RotaryEmbedding.apply(k, cos, sin)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                mask: torch.Tensor | None, causal: bool,
