@@ -149,3 +149,8 @@ def file_id(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file (a run's ``metrics.jsonl``), blank lines skipped."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

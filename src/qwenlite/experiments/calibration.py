@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from qwenlite.errors import QwenliteError
-from qwenlite.io import atomic_write_text, read_json_object
+from qwenlite.io import atomic_write_text, read_json_object, read_records
 
 CALIBRATION = "calibration.json"
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -52,8 +52,7 @@ def load(out: Path) -> dict:
 
 def _step_seconds(metrics: Path) -> list[float]:
     """Seconds of each optimizer step but the first (which pays for warm-up)."""
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-    t = [r["seconds"] for r in rows if "seconds" in r]
+    t = [r["seconds"] for r in read_records(metrics) if "seconds" in r]
     return [b - a for a, b in zip(t, t[1:])]
 
 

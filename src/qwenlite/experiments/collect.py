@@ -10,22 +10,16 @@ e.g. the diagnosis). Nothing is recomputed: a missing experiment is *pending*, n
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 
 from qwenlite.errors import QwenliteError
 from qwenlite.experiments.runner import CHOICES, read_result
-from qwenlite.io import read_json_object
+from qwenlite.io import read_json_object, read_records
 from qwenlite.training.ledger import Ledger
 
 PLAN, LEDGER = "plan.json", "ledger.json"
-
-
-def read_records(path: Path) -> list[dict]:
-    """The records of a JSON-lines file (a run's ``metrics.jsonl``), blank lines skipped."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @dataclasses.dataclass

@@ -390,7 +390,7 @@ REPRO_KEYS = ("steps", "same", "other", "evaln", "evalsame")
 
 def _losses(path: Path) -> dict[int, float]:
     """Training loss by step of a run's ``metrics.jsonl``."""
-    from qwenlite.experiments.collect import read_records
+    from qwenlite.io import read_records
 
     return {r["step"]: r["loss"] for r in read_records(path) if "loss" in r}
 

@@ -4,10 +4,10 @@ is installed. Nothing else depends on it; the sweep directory is the record."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from qwenlite.errors import QwenliteError
+from qwenlite.io import read_records
 
 TRACKERS = ("wandb", "tensorboard")
 
@@ -25,7 +25,7 @@ def check_tracker(name: str) -> None:
 def _records(metrics: Path) -> list[dict]:
     if not metrics.is_file():
         return []
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return read_records(metrics)
 
 
 def _finals(result: dict) -> dict[str, float]:
