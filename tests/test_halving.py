@@ -266,6 +266,32 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     assert plan_steps[-1] == 10 and all(r["mae"] == results[r["name"]]["val"]["mae"] for r in runs)
     assert halving_steps(runs, zero, tmp_path / "figs", plan_steps) == "fig-halving-steps"
     assert (tmp_path / "figs" / "fig-halving-steps.pdf").stat().st_size > 0
+    # the error at each forecast step: the final line's checkpoints on validation, in step
+    # order after the zero-shot model; on test the zero-shot model, the final model, baselines
+    from qwenlite.experiments.decisive import horizon_curves
+    from qwenlite.experiments.figures import halving_horizon
+
+    curves = horizon_curves(tmp_path)
+    assert [(label, s) for label, s, _ in curves["val"]] == [("zero-shot", None)] + [
+        (f"{by[x]['steps']:,} steps", by[x]["steps"]) for x in line]
+
+    def by_step(name, split, key="pred_qwen"):
+        with np.load(out / name / f"eval-{split}" / "predictions.npz") as z:
+            return np.nanmean(np.abs(z[key] - z["truth"]), axis=(0, 2))
+
+    assert np.array_equal(curves["val"][-1][2], by_step("final-10", "val"))
+    assert np.array_equal(curves["val"][0][2], by_step("zeroshot-fp32", "val"))
+    labels = [label for label, _, _ in curves["test"]]
+    assert labels[0] == "zero-shot" and labels[1].startswith(
+        f"final model, {results[chosen]['settings']['steps']} steps")
+    assert ("$\\lambda$ = 0.5" in labels[1]) == (lam == 0.5)
+    assert labels[2:] == ["persistence", "linear trend", "fitted LV ODE"]
+    assert np.array_equal(curves["test"][1][2], by_step("final", "test"))
+    assert np.array_equal(curves["test"][0][2], by_step("zeroshot", "test"))
+    assert np.array_equal(curves["test"][4][2], by_step("final", "test", "pred_lv_ode"))
+    assert all(len(c) == 2 for _, _, c in curves["val"] + curves["test"])  # the tiny horizon
+    assert halving_horizon(curves, tmp_path / "figs") == "fig-halving-horizon"
+    assert horizon_curves(tmp_path / "nothing") == {"val": [], "test": []}
     # status says what remains
     assert main(["status", *args]) == 0
     status = capsys.readouterr().out

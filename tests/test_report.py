@@ -60,9 +60,9 @@ def test_report_regenerates_from_the_committed_results(tmp_path):
 
     out = tmp_path / "generated"
     info = generate(RESULTS, out, DATA, Tokenizer(TOKENIZER_JSON), ROOT / "report" / "main.tex")
-    assert info["words"] <= 3000 and info["figures"] == 8
+    assert info["words"] <= 3000 and info["figures"] == 9
     for name in ("numbers.tex", "experiments.md", "table-flops.tex", "table-experiments.tex",
-                 "loss_curves.pdf", "fig-halving-steps.pdf",
+                 "loss_curves.pdf", "fig-halving-steps.pdf", "fig-halving-horizon.pdf",
                  "grid_heatmap.png", "forecasts.pdf", "horizon.pdf", "diagnosis.pdf"):
         assert (out / name).is_file(), name
     numbers = (out / "numbers.tex").read_text()

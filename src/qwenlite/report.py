@@ -88,7 +88,12 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     from qwenlite.experiments import figures, method
     from qwenlite.experiments import report as R
     from qwenlite.experiments.collect import load_sweep
-    from qwenlite.experiments.decisive import halving_numbers, repro_numbers, scored_runs
+    from qwenlite.experiments.decisive import (
+        halving_numbers,
+        horizon_curves,
+        repro_numbers,
+        scored_runs,
+    )
     from qwenlite.experiments.latex import Numbers
     from qwenlite.experiments.markdown import results_markdown
     from qwenlite.experiments.plan import CONTEXTS, RANKS, SCALES, build_plan
@@ -145,6 +150,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
         figs = R.write_figures(sweep, diag, tmp)
         runs, zero, steps = scored_runs(Path(results))
         figs.append(figures.halving_steps(runs, zero, tmp, steps))
+        figs.append(figures.halving_horizon(horizon_curves(Path(results)), tmp))
         words = check_tex(tex.read_text(), set(n.values)) if tex else None
         R.replace_dir(tmp, out)
     except BaseException:

@@ -179,15 +179,21 @@ def _lineage(n: Numbers, runs: list[dict]) -> None:
     n["h.best.parentvalmae"], n["h.best.parentlate"] = fixed(parent["mae"]), fixed(parent["late"])
 
 
+def _line_runs(runs: list[dict]) -> list[dict]:
+    """The final line's scored checkpoints in step order: the branch it continues, then its
+    segments (``runs`` as :func:`scored_runs` gives them); [] before a segment is scored."""
+    by_name = {r["name"]: r for r in runs}
+    segments = [r for r in runs if r["stage"] == "final"]
+    branch = segments[0]["parent"] if segments else None  # what the line continued
+    return ([by_name[branch]] if branch in by_name else []) + segments
+
+
 def _line(n: Numbers, runs: list[dict], sweep) -> None:
     """``h.line.{first,last,minlate}.{steps,valmae,early,late}``: how the forecast error moves
     along the final line — the branch it continues (its first checkpoint), its newest scored
     segment, and the checkpoint with the lowest error over the last quarter of the horizon.
     ``\\IfDone{h-line}`` holds once a segment is scored."""
-    by_name = {r["name"]: r for r in runs}
-    segments = [r for r in runs if r["stage"] == "final"]
-    branch = segments[0]["parent"] if segments else None  # what the line continued
-    line = ([by_name[branch]] if branch in by_name else []) + segments
+    line = _line_runs(runs)
     at = {"first": line[0], "last": line[-1],
           "minlate": min(line, key=lambda r: r["late"])} if len(line) > 1 else {}
     for key in LINE_KEYS:
@@ -281,6 +287,55 @@ def scored_runs(results: Path) -> tuple[list[dict], dict | None, tuple[int, ...]
     if not (root / PLAN).is_file():
         return [], None, ()
     return _scored(load_sweep(root), _zeroshot_name(_dtype_record(root)))
+
+
+def _by_step(pred: dict, key: str = "pred_qwen") -> np.ndarray:
+    """MAE at each forecast step, over the systems and both variables (h,)."""
+    return np.nanmean(np.abs(pred[key] - pred["truth"]), axis=(0, 2))
+
+
+#: the baselines the test panel draws, by their key in ``predictions.npz``
+BASELINES = (("pred_persistence", "persistence"), ("pred_linear", "linear trend"),
+             ("pred_lv_ode", "fitted LV ODE"))
+
+
+def horizon_curves(results: Path) -> dict[str, list[tuple[str, int | None, np.ndarray]]]:
+    """MAE by forecast step for the report's figure (:func:`~qwenlite.experiments.figures.
+    halving_horizon`), as (label, steps or None, curve) rows:
+
+    - ``val``: the zero-shot model, then each scored checkpoint of the final line in step
+      order (the branch it continues, then its segments), on the validation systems;
+    - ``test``: once the test stage has run, the zero-shot model, the final model (its steps;
+      its adapter's scale in the label where not 1) and the baselines, on the test systems.
+
+    Empty lists before there is anything to draw, or where the models' systems differ."""
+    from qwenlite.experiments.collect import PLAN, load_sweep
+
+    root = results / SUB
+    curves: dict[str, list] = {"val": [], "test": []}
+    if not (root / PLAN).is_file():
+        return curves
+    sweep = load_sweep(root)
+    zs_name = _zeroshot_name(_dtype_record(root))
+    zs = sweep.predictions(zs_name, "val") if zs_name else None
+    line = _line_runs(_scored(sweep, zs_name)[0])
+    if zs is not None and line:
+        preds = [sweep.predictions(r["name"], "val") for r in line]
+        if all(np.array_equal(p["systems"], zs["systems"]) for p in preds):
+            curves["val"] = [("zero-shot", None, _by_step(zs))] + [
+                (f"{r['steps']:,} steps", r["steps"], _by_step(p)) for r, p in zip(line, preds)]
+    final = sweep.results.get("final")
+    pred = sweep.predictions("final", "test") if final else None
+    zs = sweep.predictions("zeroshot", "test") if "zeroshot" in sweep.results else None
+    if pred is not None and zs is not None and np.array_equal(pred["systems"], zs["systems"]):
+        run = (final.get("adapter") or f"{final['settings']['parent']}/train").split("/")[0]
+        steps = sweep.results.get(run, {}).get("settings", {}).get("steps")
+        lam = final["settings"].get("adapter_scale", 1.0)
+        label = "final model" + (f", {steps:,} steps" if steps else "") + (
+            f", $\\lambda$ = {lam:g}" if lam != 1 else "")
+        curves["test"] = [("zero-shot", None, _by_step(zs)), (label, steps, _by_step(pred))] + [
+            (name, None, _by_step(pred, key)) for key, name in BASELINES if key in pred]
+    return curves
 
 
 def halving_numbers(n: Numbers, results: Path) -> str:

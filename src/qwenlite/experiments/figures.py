@@ -292,3 +292,41 @@ def halving_steps(runs: list[dict], zero: dict | None, out: Path,
     if runs:
         axes[0].legend(loc="best", frameon=False)
     return _save(fig, out, "fig-halving-steps")
+
+
+def halving_horizon(curves: dict, out: Path) -> str:
+    """MAE by forecast step for the halving sweep (``decisive.horizon_curves``): on validation,
+    the zero-shot model against each checkpoint of the final line, darker with more steps; on
+    test, the zero-shot model against the final model and the baselines, once tested."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(6.2, 2.4), sharey=True)
+    panels = (("val", "validation: the final line"),
+              ("test", "test: the final model"))
+    styles = {"zero-shot": dict(color="0.3", ls="--"), "persistence": dict(color="0.5", ls=":"),
+              "linear trend": dict(color="tab:olive", ls=":"),
+              "fitted LV ODE": dict(color="tab:green", ls="-.")}
+    horizon = max((len(r[2]) for rows in curves.values() for r in rows), default=20)
+    for ax, (split, title) in zip(axes, panels):
+        ax.set_title(title)
+        ax.set_xlabel("forecast step")
+        ax.set_xlim(1, horizon)
+        ax.set_xticks(sorted({1, *range(5, horizon + 1, 5)}))
+        rows = curves.get(split) or []
+        if not rows:
+            _pending(ax)
+            continue
+        trained = sum(r[1] is not None for r in rows)
+        shades = iter(plt.get_cmap("Reds")(np.linspace(0.45, 1.0, trained) if trained > 1
+                                           else [0.85]))
+        for label, steps, curve in rows:  # trained models in step order, darker with more
+            style = styles.get(label, {}) if steps is None else dict(color=next(shades))
+            ax.plot(np.arange(1, len(curve) + 1), curve, lw=1.1, label=label, **style)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        if split == "val":
+            ax.legend(frameon=False, loc="lower right")
+        else:  # the baselines cross the models' lines: the legend beside the panel
+            ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[0].set_ylabel("MAE (original units)")
+    fig.tight_layout(w_pad=0.8)
+    return _save(fig, out, "fig-halving-horizon")
