@@ -34,6 +34,16 @@
         (``qwenlite.accel.skinny.attention``) over fp32 and bf16 caches, and what widening a bf16
         cache to fp32 costs (emulated bf16 attention through SDPA on a cache kept in bf16, which
         qwenlite's KV cache avoids by holding bf16 values in fp32).
+    python benchmarks/bench_cpu_measures.py train-attention [--dtype bf16] [--rows 4]
+            [--seq 768]
+        What bounds a training step's attention (14 query heads over 2 KV heads, 64-wide, causal):
+        torch's SDPA forward and forward + backward for one layer, against the batched matmuls an
+        attention consists of (each KV head's 7 query heads stacked as the rows of one matmul),
+        each at its own measured rate, and a row softmax over the scores. The "bound" is the time
+        of the causal half of the forward's two and the backward's five matmuls (the scores
+        recomputed, as flash attention does) at those rates: no kernel built on these matmuls
+        runs faster. In bf16 on an AVX512-BF16 CPU, also qwenlite's kernel
+        (``qwenlite.accel.flash``).
 """
 
 from __future__ import annotations
@@ -324,19 +334,104 @@ def decode_attention(rows: int, cached: int, repeats: int) -> None:
             print(f"  {way:26s} {1e3 * best:6.1f} ms per step")
 
 
+def train_attention(dtype: str, rows: int, seq: int, repeats: int) -> None:
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    heads, kv_heads, dim = 14, 2, 64
+    group = heads // kv_heads
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dt)
+
+    q = randn(rows, heads, seq, dim).requires_grad_()
+    k, v = (randn(rows, kv_heads, seq, dim).requires_grad_() for _ in range(2))
+    grad = randn(rows, heads, seq, dim)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def kernel(q, k, v):
+        return flash.attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def forward(fn):  # as in training: autograd records it
+        return lambda: fn(q, k, v)
+
+    def forward_backward(fn):
+        def run():
+            fn(q, k, v).backward(grad)
+            q.grad = k.grad = v.grad = None
+        return run
+
+    from qwenlite.accel import flash, settings
+
+    settings.current().train_attention = "1"  # measured wherever it runs
+    served = dt == torch.bfloat16 and flash.available()
+    sdpa_fwd, _ = timed(forward(sdpa), repeats, warmup=1)
+    sdpa_both, _ = timed(forward_backward(sdpa), repeats, warmup=1)
+    if served:
+        mine = (timed(forward(kernel), repeats, warmup=1)[0],
+                timed(forward_backward(kernel), repeats, warmup=1)[0])
+    # each KV head's query heads stacked: m = 7·seq rows against seq keys
+    b, m = rows * kv_heads, group * seq
+    rows_dim, rows_keys = randn(b, m, dim), randn(b, m, seq)
+    keys_dim = randn(b, seq, dim)
+    matmuls = {  # name: (inputs, how many of it the forward and the backward run)
+        "rows×64 · 64×keys (scores, dP, recomputed scores)":
+            (lambda: torch.bmm(rows_dim, keys_dim.transpose(1, 2)), 1, 2),
+        "rows×keys · keys×64 (P·V, dS·K)": (lambda: torch.bmm(rows_keys, keys_dim), 1, 1),
+        "keys×rows · rows×64 (Pᵀ·dO, dSᵀ·Q)":
+            (lambda: torch.bmm(rows_keys.transpose(1, 2), rows_dim), 0, 2),
+    }
+    flops = 2 * b * m * seq * dim  # each of these matmuls, whole square
+    print(f"{machine()}; {dtype}, {rows} sequences x {seq} tokens, 14 heads over 2 KV heads, "
+          f"one layer (x24 for the model), best of {repeats}")
+    print(f"  SDPA causal forward             {1e3 * sdpa_fwd:7.1f} ms")
+    print(f"  SDPA causal forward + backward  {1e3 * sdpa_both:7.1f} ms "
+          f"(backward {1e3 * (sdpa_both - sdpa_fwd):.1f} ms)")
+    if served:
+        print(f"  qwenlite.accel.flash forward    {1e3 * mine[0]:7.1f} ms")
+        print(f"  qwenlite.accel.flash fwd + bwd  {1e3 * mine[1]:7.1f} ms "
+              f"(backward {1e3 * (mine[1] - mine[0]):.1f} ms; {sdpa_both / mine[1]:.2f}x SDPA)")
+    else:
+        print("  qwenlite.accel.flash: does not run here (bf16 on an AVX512-BF16 CPU only)")
+    bound_fwd = bound_both = 0.0
+    for name, (fn, n_fwd, n_bwd) in matmuls.items():
+        seconds, _ = timed(fn, repeats, warmup=1)
+        half = seconds / 2  # the causal half of the square
+        bound_fwd += n_fwd * half
+        bound_both += (n_fwd + n_bwd) * half
+        print(f"  {name:52s} {1e3 * seconds:6.1f} ms whole square, "
+              f"{flops / seconds / 1e9:6.1f} GFLOPS")
+    scores = torch.randn(b, m, seq, generator=gen)
+    softmax, _ = timed(lambda: torch.softmax(scores, -1), repeats, warmup=1)
+    print(f"  fp32 row softmax over the scores                     {1e3 * softmax:6.1f} ms "
+          "whole square")
+    print(f"  bound, matmuls only, causal half: forward {1e3 * bound_fwd:.1f} ms, forward + "
+          f"backward {1e3 * bound_both:.1f} ms (SDPA: {sdpa_fwd / bound_fwd:.2f}x and "
+          f"{sdpa_both / bound_both:.2f}x that"
+          + (f"; qwenlite.accel.flash {mine[0] / bound_fwd:.2f}x and {mine[1] / bound_both:.2f}x)"
+             if served else ")"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["decode-matmuls", "decode-bound", "decode-step",
-                                         "prefill", "malloc", "decode-attention"])
+                                         "prefill", "malloc", "decode-attention",
+                                         "train-attention"])
     parser.add_argument("--cached", type=int, default=900, help="cached tokens per sequence")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-steps", type=int, default=80)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                        help="fp32, except train-attention's bf16")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="sequences: 8, except train-attention's 4")
+    parser.add_argument("--seq", type=int, default=768, help="train-attention's tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--weights", default=None)
     parser.add_argument("--data", default=None)
     args = parser.parse_args()
+    if args.what != "train-attention":
+        args.rows, args.dtype = args.rows or 8, args.dtype or "fp32"
     # The decode kernel is one of the ways measured, also where qwenlite leaves it off by default
     # (``skinny.outpaced``), unless $QWENLITE_DECODE_KERNEL says otherwise.
     os.environ.setdefault("QWENLITE_DECODE_KERNEL", "1")
@@ -356,6 +451,8 @@ def main() -> None:
                 args.prompt_steps, args.dtype)
     elif args.what == "decode-attention":
         decode_attention(args.rows, args.cached, args.repeats)
+    elif args.what == "train-attention":
+        train_attention(args.dtype or "bf16", args.rows or 4, args.seq, args.repeats)
     else:
         malloc()
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from qwenlite.accel import autocast, packing, skinny
+from qwenlite.accel import autocast, flash, packing, skinny
 from qwenlite.accel.emulation import (
     SKINNY_ROWS,
     FrozenLinear,
@@ -251,7 +251,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bf16: bool =
         if out is not None:
             return out
     if not emulate and not decode:
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        out = flash.attention(q, k, v, **kwargs)  # bf16 training on AVX512-BF16 CPUs
+        return F.scaled_dot_product_attention(q, k, v, **kwargs) if out is None else out
     op = decode_attention if decode else F.scaled_dot_product_attention
     if not emulate:
         return op(q, k, v, **kwargs)

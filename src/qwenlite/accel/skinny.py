@@ -56,9 +56,10 @@ MAX_OUTPUTS = 8  # the C++ side holds as many (``Out outs[8]``)
 _warned: set[str] = set()  # reasons already warned of, once a process
 SOURCES = tuple(Path(__file__).with_name(name) for name in
                 ("skinny.h", "skinny_linears.cpp", "skinny_attention.cpp", "xent.cpp",
-                 "elementwise.cpp"))
+                 "elementwise.cpp", "attention_bf16.cpp"))
 """The library's source: a header all share, the few-row matmuls and the decode attention, and
-the training kernels (the loss's softmax cross-entropy, RMSNorm and SwiGLU's backward)."""
+the training kernels (the loss's softmax cross-entropy, RMSNorm and SwiGLU's backward, and
+causal attention in bf16 for AVX512-BF16 CPUs, ``flash.py``)."""
 FLAGS = ("-O3", "-std=c++17", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -160,6 +161,12 @@ class _Kernels:
         self.rmsnorm_bwd = lib.qwenlite_rmsnorm_bwd
         self.rmsnorm_bwd.argtypes = [p, p, p, p, p, i64, i64, i32]
         self.rmsnorm_bwd.restype = None
+        self.attention_fwd = lib.qwenlite_attention_fwd  # AVX512-BF16 only (flash.py)
+        self.attention_fwd.argtypes = [p, p, p, p, p, i64, i64, i64, i64, f32, i32]
+        self.attention_fwd.restype = i32
+        self.attention_bwd = lib.qwenlite_attention_bwd
+        self.attention_bwd.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, f32, i32]
+        self.attention_bwd.restype = i32
 
 
 def _self_check(lib: _Kernels) -> bool:
