@@ -46,7 +46,8 @@ def _sdpa(q, k, v):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-@pytest.mark.parametrize("shape", [(2, 14, 2, 96), (1, 4, 4, 32), (1, 6, 3, 160)])
+@pytest.mark.parametrize("shape", [(2, 14, 2, 96), (1, 4, 4, 32), (1, 6, 3, 160),
+                                   (1, 14, 2, 768)])
 def test_kernel_gives_sdpa_values_and_gradients_within_bf16s_roundings(kernel, shape):
     q, k, v, grad = _inputs(*shape)
     exact = _run(lambda *x: _sdpa(*(t.double() for t in x)), q, k, v, grad)
@@ -56,7 +57,7 @@ def test_kernel_gives_sdpa_values_and_gradients_within_bf16s_roundings(kernel, s
     for name, m, t, e in zip(("out", "dq", "dk", "dv"), mine, torch_bf16, exact):
         assert m.dtype == BF16 and m.shape == e.shape, name
         err, torch_err = ((x.double() - e).abs() for x in (m, t))
-        # no worse than torch's own bf16 attention, by more than a bf16 rounding of the largest
+        # within twice torch's own bf16 attention's error, plus a bf16 rounding of the largest
         assert err.max() <= 2 * torch_err.max() + 2 ** -8 * e.abs().max(), name
         assert err.mean() <= 2 * torch_err.mean() + 1e-6, name
 
@@ -85,19 +86,61 @@ def test_kernel_leaves_to_sdpa_what_it_does_not_take(kernel):
 
     assert call() is not None
     assert call(is_causal=False) is None
-    assert call(is_causal=False, attn_mask=torch.ones(64, 64, dtype=torch.bool)) is None
+    assert call(attn_mask=torch.ones(64, 64, dtype=torch.bool)) is None
     assert call(dropout_p=0.1) is None
     assert call(enable_gqa=False) is None  # 4 query heads over 2 KV heads needs it
     assert call(q[:, :, :40], k[:, :, :40], v[:, :, :40]) is None  # not a multiple of 32
     assert call(q[..., :32].contiguous(), k[..., :32].contiguous(), v[..., :32].contiguous()) is None
-    assert call(q.detach().float(), k.float(), v.float()) is None  # fp32 without autocast
+    wide = torch.randn(1, 2, 64, 128).to(BF16)
+    assert call(k=wide, v=wide) is None  # keys of another head size: SDPA says why
+    long_k = torch.randn(1, 2, 96, 64).to(BF16)
+    assert call(k=long_k, v=long_k) is None  # a KV cache longer than the queries
+    assert call(k=torch.cat([k, k]), v=torch.cat([v, v])) is None  # another batch
+    assert call(q=q.detach().float().requires_grad_()) is None  # fp32 without autocast
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert call() is None  # SDPA would run in fp16
     with torch.no_grad():
         assert call() is None  # no gradient wanted: SDPA's forward
     with FlopCounterMode(display=False):
         assert call() is None  # a dispatch mode watching must see SDPA
+    settings.current().train_attention = "auto"
+    torch.set_num_threads(3)
+    try:  # auto: fewer (sequence, KV head) pairs than threads would leave threads idle
+        assert call() is None
+    finally:
+        torch.set_num_threads(2)
     settings.current().train_attention = "0"
     flash.available.cache_clear()
     assert call() is None
+
+
+def test_auto_serves_avx512_bf16_cpus_without_amx(monkeypatch):
+    flags = {"avx2", "fma", "avx512f", "avx512_bf16"}
+    monkeypatch.setattr(skinny, "cpu_flags", lambda: frozenset(flags))
+    for mode, amx, serves in (("auto", False, True), ("auto", True, False), ("1", True, True),
+                              ("0", False, False)):
+        monkeypatch.setattr(settings.current(), "train_attention", mode)
+        monkeypatch.setattr(skinny, "cpu_flags",
+                            lambda amx=amx: frozenset(flags | ({"amx_bf16"} if amx else set())))
+        assert flash.cpu_serves() is serves, (mode, amx)
+    monkeypatch.setattr(settings.current(), "train_attention", "1")
+    monkeypatch.setattr(skinny, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    assert not flash.cpu_serves()  # no AVX512-BF16: nothing forces it
+
+
+def test_nan_scores_give_nan_outputs_and_second_derivatives_raise(kernel):
+    q, k, v, grad = _inputs(1, 4, 2, 64)
+    k[0, 1, 40, 3] = float("nan")  # key 40 of KV head 1: heads 2 and 3 from token 40 on
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = flash.attention(q, k, v, is_causal=True, enable_gqa=True)
+    nan = out.isnan().any(-1)[0]  # (heads, tokens)
+    assert not nan[:2].any() and not nan[2:, :40].any() and nan[2:, 40:].all()
+    q, k, v, grad = _inputs(1, 4, 2, 64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = flash.attention(q, k, v, is_causal=True, enable_gqa=True)
+    (dq,) = torch.autograd.grad(out, q, grad, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dq.sum().backward()
 
 
 def test_a_bf16_lora_step_through_the_kernel_matches_sdpas(kernel, monkeypatch):

@@ -1,15 +1,18 @@
 // Causal self-attention for LoRA training in bf16, forward and backward, on x86-64 CPUs with
 // AVX512-BF16 (its dot-product instruction, VDPBF16PS: fp32 sums of bf16 products). Built and
 // loaded by qwenlite/accel/skinny.py beside the decode kernels; called by
-// qwenlite/accel/flash.py. The rest of the library needs only AVX2: every function here is
-// compiled for AVX-512 by its own target attribute and called only where the CPU has it.
+// qwenlite/accel/flash.py. The rest of the library needs only AVX2: every function here that
+// uses AVX-512 is compiled for it by its own target attribute, and called only where the CPU
+// has it. A compiler that cannot target AVX512-BF16 (GCC < 10, clang < 9) builds the two entry
+// points as stubs that return 3, and the rest of the library as before.
 //
 // Shapes: q (B, H, T, 64), k and v (B, KV, T, 64), bf16, contiguous; each KV head serves H/KV
 // query heads (grouped-query attention); T a multiple of 32. The arithmetic is flash
 // attention's on the CPU, as torch does it for bf16 (its _scaled_dot_product_flash_attention_
 // for_cpu): scores as fp32 sums of bf16 products, the softmax in fp32, its probabilities rounded
 // to bf16 for the product with V; the backward recomputes the probabilities from the saved
-// log-sum-exp. What differs is the blocking. A block of 32 query tokens of all the query heads of
+// log-sum-exp. What differs is the blocking (and that a row's probabilities are normalised
+// before their rounding to bf16, where torch divides the product by the sum after it). A block of 32 query tokens of all the query heads of
 // one KV head (7 × 32 = 224 rows for Qwen2.5-0.5B) is one matrix against every key it may see,
 // so that each product is a few large matmuls rather than many small ones, and no block computes
 // keys past its last token (causal). torch 2.13's kernel ran at a third to a quarter of the rate
@@ -23,6 +26,14 @@
 #include "skinny.h"
 
 #include <algorithm>
+
+#if defined(__clang__) ? (__clang_major__ >= 9) : (defined(__GNUC__) && __GNUC__ >= 10)
+#define QWL_HAVE_AVX512BF16 1
+#else
+#define QWL_HAVE_AVX512BF16 0
+#endif
+
+#if QWL_HAVE_AVX512BF16
 
 #define QWL_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma")))
 
@@ -125,10 +136,8 @@ QWL_AVX512BF16 void gemm(int64_t M, int64_t N, int64_t pairs, const uint16_t *A,
 // x (T × 64) packed in pairs of its columns, as the B of a product with x's transpose:
 // out[p * 2T + 2t + e] = x[t][2p + e].
 void pack_columns(const uint16_t *x, int64_t T, uint16_t *out) {
-    const uint32_t *w = reinterpret_cast<const uint32_t *>(x);
-    uint32_t *o = reinterpret_cast<uint32_t *>(out);
     for (int64_t t = 0; t < T; t++)
-        for (int64_t p = 0; p < HD / 2; p++) o[p * T + t] = w[t * (HD / 2) + p];
+        for (int64_t p = 0; p < HD / 2; p++) memcpy(out + 2 * (p * T + t), x + t * HD + 2 * p, 4);
 }
 
 // x (R × 64, R even) packed in pairs of its rows: out[p * 128 + 2d + e] = x[2p + e][d].
@@ -158,13 +167,15 @@ inline void mask_future(float *S, int64_t M, int64_t Lk, int64_t t0) {
 extern "C" {
 
 // out (B, H, T, 64) bf16 and lse (B, H, T) fp32 (log-sum-exp of each row's scaled scores).
-// Returns 0, or 1 where T is not a multiple of 32 or H of KV.
+// Returns 0; 1 where T is not a multiple of 32 or H of KV; 2 where memory ran out (3 from the
+// stubs of a compiler without AVX512-BF16).
 QWL_AVX512BF16 int qwenlite_attention_fwd(const uint16_t *q, const uint16_t *k,
                                           const uint16_t *v, uint16_t *out, float *lse,
                                           int64_t B, int64_t H, int64_t KV, int64_t T,
                                           float scale, int threads) {
     if (T % TB != 0 || KV <= 0 || H % KV != 0) return 1;
     const int64_t G = H / KV, M = G * TB, nb = T / TB;
+    int failed = 0;
     uint16_t *packs = static_cast<uint16_t *>(aligned_alloc(64, 2 * B * KV * T * HD * 2));
     if (!packs) return 2;
     uint16_t *kd = packs, *vk = packs + B * KV * T * HD;  // k by columns, v by rows
@@ -185,6 +196,11 @@ QWL_AVX512BF16 int qwenlite_attention_fwd(const uint16_t *q, const uint16_t *k,
             const int64_t head0 = b * H + g * G;
             uint16_t *Q = qbuf.get(M * HD), *P = pbuf.get(M * Lk);
             float *S = sbuf.get(M * Lk), *O = obuf.get(M * HD);
+            if (!Q || !P || !S || !O) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
             gather(q, head0, G, T, t0, Q);
             gemm<false>(M, Lk, HD / 2, Q, HD, kd + bg * T * HD, 2 * T, S, Lk);
             mask_future(S, M, Lk, t0);
@@ -192,8 +208,17 @@ QWL_AVX512BF16 int qwenlite_attention_fwd(const uint16_t *q, const uint16_t *k,
             for (int64_t r = 0; r < M; r++) {
                 float *s = S + r * Lk;
                 __m512 m16 = _mm512_set1_ps(-INFINITY);
-                for (int64_t c = 0; c < Lk; c += 16)
-                    m16 = _mm512_max_ps(m16, _mm512_mul_ps(_mm512_loadu_ps(s + c), sc));
+                __mmask16 nan = 0;
+                for (int64_t c = 0; c < Lk; c += 16) {
+                    const __m512 z = _mm512_mul_ps(_mm512_loadu_ps(s + c), sc);
+                    nan |= _mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q);
+                    m16 = _mm512_max_ps(m16, z);
+                }
+                if (nan) {  // a NaN score (a NaN in q or k): the row's output is NaN, as torch's
+                    for (int64_t c = 0; c < Lk; c++) P[r * Lk + c] = 0x7fc0;
+                    lse[(head0 + r / TB) * T + t0 + r % TB] = NAN;
+                    continue;
+                }
                 const float m = _mm512_reduce_max_ps(m16);
                 const __m512 mv = _mm512_set1_ps(m);
                 __m512 sum16 = _mm512_setzero_ps();
@@ -216,7 +241,7 @@ QWL_AVX512BF16 int qwenlite_attention_fwd(const uint16_t *q, const uint16_t *k,
         }
     }
     free(packs);
-    return 0;
+    return failed ? 2 : 0;
 }
 
 // dq (B, H, T, 64), dk and dv (B, KV, T, 64), bf16, from the forward's q, k, v, out and lse
@@ -320,3 +345,20 @@ QWL_AVX512BF16 int qwenlite_attention_bwd(const uint16_t *q, const uint16_t *k,
 }
 
 }  // extern "C"
+
+#else  // no AVX512-BF16 in this compiler: the entry points exist and decline
+
+extern "C" {
+int qwenlite_attention_fwd(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *,
+                           float *, int64_t, int64_t, int64_t, int64_t, float, int) {
+    return 3;
+}
+int qwenlite_attention_bwd(const uint16_t *, const uint16_t *, const uint16_t *,
+                           const uint16_t *, const float *, const uint16_t *, uint16_t *,
+                           uint16_t *, uint16_t *, int64_t, int64_t, int64_t, int64_t, float,
+                           int) {
+    return 3;
+}
+}  // extern "C"
+
+#endif

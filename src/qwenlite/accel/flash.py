@@ -12,7 +12,9 @@ query heads of a KV head against every key they may see, with AVX512-BF16's dot 
 :func:`attention` serves a causal self-attention whose gradient autograd will want, on bf16
 (or, under bf16 autocast, fp32) CPU tensors, head size 64 and a multiple of 32 tokens, on a CPU
 with AVX512-BF16 where the library is built and passed :func:`self_check`; elsewhere it returns
-None and the caller runs SDPA. ``$QWENLITE_TRAIN_ATTENTION`` (:mod:`~qwenlite.accel.settings`):
+None and the caller runs SDPA. It is measured on 2 threads: under ``auto`` it also leaves to SDPA
+a call with fewer (sequence, KV head) pairs than threads, which its backward would leave idle.
+NaN scores give NaN outputs (and losses), as SDPA's do. ``$QWENLITE_TRAIN_ATTENTION`` (:mod:`~qwenlite.accel.settings`):
 ``0`` off, ``1`` on wherever it runs, ``auto`` (the default) on where the CPU has AVX512-BF16
 and no AMX — on AMX torch's kernel runs on the tile units, and this one was not measured there.
 """
@@ -20,8 +22,10 @@ and no AMX — on AMX torch's kernel runs on the tile units, and this one was no
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from qwenlite.accel import settings, skinny
 
@@ -61,6 +65,7 @@ class _CausalAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a second derivative raises, as SDPA's does, instead of being 0
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(skinny.library(), q, k, v, out, lse,
@@ -78,6 +83,13 @@ def cpu_serves() -> bool:
     return mode == "1" or "amx_bf16" not in flags
 
 
+def _enough_work(pairs: int) -> bool:
+    """Whether a call's (sequence, KV head) pairs keep the threads busy, as ``auto`` wants: the
+    backward splits its work by them (a training batch of 4 over 2 KV heads: 8), and it was
+    measured on 2 threads only. ``1`` serves every call."""
+    return settings.current().train_attention == "1" or pairs >= torch.get_num_threads()
+
+
 @functools.cache
 def available() -> bool:
     """Whether :func:`attention` runs here: the CPU serves, the library is built, and the
@@ -90,7 +102,16 @@ def available() -> bool:
     from torch.utils._python_dispatch import _disable_current_modes
     with (_disable_current_modes(), torch.inference_mode(False), torch.enable_grad(),
           torch.autocast("cpu", enabled=False), torch.device("cpu")):
-        return self_check(lib)
+        try:
+            ok = self_check(lib)
+        except RuntimeError as e:  # the kernel declined (3: a compiler without AVX512-BF16)
+            ok, why = False, str(e)
+        else:
+            why = "it failed its check against SDPA"
+    if not ok:
+        warnings.warn(f"bf16 training's attention runs through SDPA: the AVX512-BF16 kernel "
+                      f"does not serve here ({why})", stacklevel=2)
+    return ok
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None,
@@ -102,16 +123,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None,
     autocast casts SDPA's inputs). The output is bf16."""
     from qwenlite.accel.kernels import _plain
 
-    if (not is_causal or attn_mask is not None or dropout_p or q.dim() != 4
-            or q.shape[-1] != HEAD or q.shape[-2] % BLOCK or k.shape[-2] != q.shape[-2]
-            or k.shape != v.shape or k.shape[0] != q.shape[0] or q.shape[1] % k.shape[1]
+    if (not is_causal or attn_mask is not None or dropout_p or q.dim() != 4 or k.dim() != 4
+            or q.shape[-1] != HEAD or k.shape[-1] != HEAD or q.shape[-2] % BLOCK
+            or k.shape[-2] != q.shape[-2] or k.shape != v.shape or k.shape[0] != q.shape[0]
+            or not k.shape[1] or q.shape[1] % k.shape[1]
             or (q.shape[1] != k.shape[1] and not enable_gqa)
             or not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
-            or not _plain(q, k, v)):
+            or not _plain(q, k, v) or not _enough_work(q.shape[0] * k.shape[1])):
         return None
-    autocast = (torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") == BF16)
-    if not all(t.dtype == BF16 or (autocast and t.dtype == torch.float32) for t in (q, k, v)):
+    if torch.is_autocast_enabled("cpu"):  # SDPA would run in the autocast dtype
+        if torch.get_autocast_dtype("cpu") != BF16:
+            return None
+        if not all(t.dtype in (BF16, torch.float32) for t in (q, k, v)):
+            return None
+    elif not all(t.dtype == BF16 for t in (q, k, v)):
         return None
     if not available():
         return None

@@ -240,7 +240,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_bf16: bool =
     kernel (:func:`attention_kernel`), else as :func:`decode_attention`: for 8 sequences over
     900 cached tokens, 24 layers took 16.9 ms through the kernel (12.0 over a bf16 cache), 22.5 ms
     as :func:`decode_attention`, 24.1 ms as two batched matmuls and 35.5 ms through SDPA with
-    ``enable_gqa`` (``python benchmarks/bench_cpu_measures.py decode-attention``)."""
+    ``enable_gqa`` (``python benchmarks/bench_cpu_measures.py decode-attention``).
+
+    A bf16 training step's causal self-attention on a CPU with AVX512-BF16 runs through
+    :func:`~qwenlite.accel.flash.attention` (2.6× SDPA's forward and backward at 4×768 on a
+    2-core EPYC, ``... train-attention``)."""
     emulate = emulating(q)
     if kv_bf16 and not emulate:  # emulation turned off since the cache was made
         k, v = k.to(q.dtype), v.to(q.dtype)
