@@ -212,7 +212,7 @@ def test_tiny_sweep_runs_end_to_end_survives_a_kill_and_resumes(tmp_path, capsys
 
     generated = tmp_path / "generated"
     info = generate(out, generated, data, Tokenizer(weights), ROOT / "report" / "main.tex")
-    assert info["figures"] == 8 and info["words"] <= 3000
+    assert info["figures"] == 9 and info["words"] <= 3000
     for name in ("experiments", "baselines", "flops", "flops-components", "llmtime"):
         assert (generated / f"table-{name}.tex").stat().st_size > 0, name
     for fig in ("loss_curves", "grid_heatmap", "context", "control", "forecasts", "horizon",
