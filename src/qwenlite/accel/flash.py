@@ -28,6 +28,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from qwenlite.accel import settings, skinny
+from qwenlite.accel.emulation import autograd
 
 BF16 = torch.bfloat16
 BLOCK = 32  # query tokens per block (attention_bf16.cpp's TB); T must be a multiple
@@ -128,7 +129,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None,
             or k.shape[-2] != q.shape[-2] or k.shape != v.shape or k.shape[0] != q.shape[0]
             or not k.shape[1] or q.shape[1] % k.shape[1]
             or (q.shape[1] != k.shape[1] and not enable_gqa)
-            or not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+            or not autograd(q, k, v)
             or not _plain(q, k, v) or not _enough_work(q.shape[0] * k.shape[1])):
         return None
     if torch.is_autocast_enabled("cpu"):  # SDPA would run in the autocast dtype
