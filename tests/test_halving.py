@@ -221,11 +221,12 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     for r in results.values():
         assert str(tmp_path) not in json.dumps(r)
     # the report's numbers and table of the sweep
-    from qwenlite.experiments.decisive import halving_numbers
+    from qwenlite.experiments.decisive import halving_numbers, load_halving
     from qwenlite.experiments.latex import Numbers
 
     n = Numbers()
-    table = halving_numbers(n, tmp_path)
+    halving = load_halving(tmp_path)
+    table = halving_numbers(n, halving)
     assert n["h.done"] == n["h.n"] == str(len(names)) and n["h.dtype"] == "fp32"
     assert "pending" not in table and table.count(r"\\") == len(names) - 4 + 1  # + header
     assert n["h.dtype.diff"] == r"\textit{pending}"  # the scale set the dtype: no comparison
@@ -247,7 +248,7 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     from qwenlite.experiments.decisive import scored_runs
     from qwenlite.experiments.figures import halving_steps
 
-    runs, zero, plan_steps = scored_runs(tmp_path)
+    runs, zero, plan_steps = scored_runs(halving)
     by = {r["name"]: r for r in runs}
     pairs = [(r, by[r["parent"]]) for r in runs if r["parent"] in by and r["stage"] != "remedy"]
     assert by["scale-0.5"]["steps"] == by[chosen]["steps"]  # a remedy sits at its adapter's steps
@@ -271,7 +272,7 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     from qwenlite.experiments.decisive import horizon_curves
     from qwenlite.experiments.figures import halving_horizon
 
-    curves = horizon_curves(tmp_path)
+    curves = horizon_curves(halving)
     assert [(label, s) for label, s, _ in curves["val"]] == [("zero-shot", None)] + [
         (f"{by[x]['steps']:,} steps", by[x]["steps"]) for x in line]
 
@@ -291,7 +292,8 @@ def test_tiny_halving_sweep_promotes_continues_and_charges_each_step_once(tmp_pa
     assert np.array_equal(curves["test"][4][2], by_step("final", "test", "pred_lv_ode"))
     assert all(len(c) == 2 for _, _, c in curves["val"] + curves["test"])  # the tiny horizon
     assert halving_horizon(curves, tmp_path / "figs") == "fig-halving-horizon"
-    assert horizon_curves(tmp_path / "nothing") == {"val": [], "test": []}
+    assert load_halving(tmp_path / "nothing") is None  # no plan: the sweep has not started
+    assert horizon_curves(None) == {"val": [], "test": []} and scored_runs(None) == ([], None, ())
     # status says what remains
     assert main(["status", *args]) == 0
     status = capsys.readouterr().out

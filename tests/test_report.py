@@ -249,11 +249,12 @@ def test_the_report_finds_the_sweeps_data_without_flags(tmp_path, capsys, monkey
 
 
 def test_every_halving_key_the_report_reads_is_defined_before_the_sweep_starts(tmp_path):
-    from qwenlite.experiments.decisive import halving_numbers
+    from qwenlite.experiments.decisive import halving_numbers, load_halving
     from qwenlite.experiments.latex import Numbers
 
     n = Numbers()
-    assert "not started" in halving_numbers(n, tmp_path)  # no halving/plan.json here
+    assert load_halving(tmp_path) is None  # no halving/plan.json here
+    assert "not started" in halving_numbers(n, None)
     used = set(re.findall(r"\\R\{(h\.[^{}]*)\}", (ROOT / "report" / "main.tex").read_text()))
     assert used and used <= set(n.values)
     assert all(v == r"\textit{pending}" for v in n.values.values())

@@ -91,6 +91,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     from qwenlite.experiments.decisive import (
         halving_numbers,
         horizon_curves,
+        load_halving,
         repro_numbers,
         scored_runs,
     )
@@ -105,7 +106,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
     )
     from qwenlite.model.config import QwenConfig
 
-    sweep = load_sweep(results)
+    sweep, halving = load_sweep(results), load_halving(Path(results))
     dataset = load_dataset(data)
     split = split_systems(len(dataset.trajectories), seed=0)
     settings = fit_alpha(dataset.trajectories[split.train], LLMTimeSettings())
@@ -135,7 +136,7 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
                             sorted({*CONTEXTS, *scale["contexts"]}),
                             sorted({*RANKS, *scale["ranks"]}))
     tables = {"experiments": R.results_table(sweep), "baselines": R.baseline_numbers(n, sweep),
-              "halving": halving_numbers(n, Path(results)),
+              "halving": halving_numbers(n, halving),
               "flops": R.flops_numbers(n, sweep),
               "flops-components": method.flops_accounting(n, config, 512, 4, 4),
               "llmtime": method.llmtime_examples(n, dataset.trajectories, split.train, settings,
@@ -148,9 +149,9 @@ def generate(results: Path, out: Path, data: Path, tokenizer, tex: Path | None) 
         (tmp / "numbers.tex").write_text(n.tex())
         (tmp / "experiments.md").write_text(results_markdown(sweep))
         figs = R.write_figures(sweep, diag, tmp)
-        runs, zero, steps = scored_runs(Path(results))
+        runs, zero, steps = scored_runs(halving)
         figs.append(figures.halving_steps(runs, zero, tmp, steps))
-        figs.append(figures.halving_horizon(horizon_curves(Path(results)), tmp))
+        figs.append(figures.halving_horizon(horizon_curves(halving), tmp))
         words = check_tex(tex.read_text(), set(n.values)) if tex else None
         R.replace_dir(tmp, out)
     except BaseException:

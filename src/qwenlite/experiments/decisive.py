@@ -11,13 +11,18 @@ sweep directory without a halving sweep gives every key as *pending*.
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qwenlite.errors import QwenliteError
 from qwenlite.experiments.halving import REMEDY
 from qwenlite.experiments.latex import Numbers, fixed, pct, sci, tabular, tex_escape
+
+if TYPE_CHECKING:
+    from qwenlite.experiments.collect import Sweep
 
 PENDING = r"\textit{pending}"
 #: the fields of a paired comparison (:func:`_paired`)
@@ -276,17 +281,39 @@ def _zeroshot_name(d: dict) -> str | None:
     return f"zeroshot-{d['dtype']}" if d else None
 
 
-def scored_runs(results: Path) -> tuple[list[dict], dict | None, tuple[int, ...]]:
-    """Every scored trained run of the halving sweep (name, stage, steps, parent — "" for none
-    —, validation MAE overall and over the first and last quarter of the horizon), in the
-    plan's order; the zero-shot model's scores; and the step counts the plan scores runs at.
-    ([], None, ()) where the sweep has not started."""
+@dataclass(frozen=True)
+class Halving:
+    """The halving sweep of a results directory, loaded once for the report's numbers, table
+    and figures (:func:`load_halving`)."""
+
+    root: Path
+    sweep: Sweep
+    dtype: dict  # its dtype.json (:func:`_dtype_record`)
+
+    @property
+    def zs_name(self) -> str | None:
+        """The zero-shot experiment in the sweep's dtype, None before the calibration chose."""
+        return _zeroshot_name(self.dtype)
+
+
+def load_halving(results: Path) -> Halving | None:
+    """``results/halving`` loaded, or None where the sweep has not started (no plan)."""
     from qwenlite.experiments.collect import PLAN, load_sweep
 
     root = results / SUB
     if not (root / PLAN).is_file():
+        return None
+    return Halving(root, load_sweep(root), _dtype_record(root))
+
+
+def scored_runs(h: Halving | None) -> tuple[list[dict], dict | None, tuple[int, ...]]:
+    """Every scored trained run of the halving sweep (name, stage, steps, parent — "" for none
+    —, validation MAE overall and over the first and last quarter of the horizon), in the
+    plan's order; the zero-shot model's scores; and the step counts the plan scores runs at.
+    ([], None, ()) where the sweep has not started."""
+    if h is None:
         return [], None, ()
-    return _scored(load_sweep(root), _zeroshot_name(_dtype_record(root)))
+    return _scored(h.sweep, h.zs_name)
 
 
 def _by_step(pred: dict, key: str = "pred_qwen") -> np.ndarray:
@@ -299,7 +326,7 @@ BASELINES = (("pred_persistence", "persistence"), ("pred_linear", "linear trend"
              ("pred_lv_ode", "fitted LV ODE"))
 
 
-def horizon_curves(results: Path) -> dict[str, list[tuple[str, int | None, np.ndarray]]]:
+def horizon_curves(h: Halving | None) -> dict[str, list[tuple[str, int | None, np.ndarray]]]:
     """MAE by forecast step for the report's figure (:func:`~qwenlite.experiments.figures.
     halving_horizon`), as (label, steps or None, curve) rows:
 
@@ -309,14 +336,10 @@ def horizon_curves(results: Path) -> dict[str, list[tuple[str, int | None, np.nd
       its adapter's scale in the label where not 1) and the baselines, on the test systems.
 
     Empty lists before there is anything to draw, or where the models' systems differ."""
-    from qwenlite.experiments.collect import PLAN, load_sweep
-
-    root = results / SUB
     curves: dict[str, list] = {"val": [], "test": []}
-    if not (root / PLAN).is_file():
+    if h is None:
         return curves
-    sweep = load_sweep(root)
-    zs_name = _zeroshot_name(_dtype_record(root))
+    sweep, zs_name = h.sweep, h.zs_name
     zs = sweep.predictions(zs_name, "val") if zs_name else None
     line = _line_runs(_scored(sweep, zs_name)[0])
     if zs is not None and line:
@@ -338,16 +361,15 @@ def horizon_curves(results: Path) -> dict[str, list[tuple[str, int | None, np.nd
     return curves
 
 
-def halving_numbers(n: Numbers, results: Path) -> str:
-    """Fill ``h.*`` from ``results/halving`` and return its table (see the module docstring)."""
+def halving_numbers(n: Numbers, h: Halving | None) -> str:
+    """Fill ``h.*`` from the halving sweep (:func:`load_halving`) and return its table (see the
+    module docstring); every key pending where it has not started (None)."""
     from qwenlite.experiments.calibration import load as load_calibration
-    from qwenlite.experiments.collect import PLAN, load_sweep
     from qwenlite.experiments.trends import signed, system_mae
 
-    root = results / SUB
-    if not (root / PLAN).is_file():
+    if h is None:
         return _pending(n)
-    sweep = load_sweep(root)
+    root, sweep, d, zs_name = h.root, h.sweep, h.dtype, h.zs_name
     plan, s = sweep.plan, sweep.plan["scale"]
     n["h.n"], n["h.done"] = len(sweep.names), len(sweep.results)
     n["h.planned"] = sci(plan["total_flops"])
@@ -360,7 +382,6 @@ def halving_numbers(n: Numbers, results: Path) -> str:
     n["h.finalsteps"] = f"{s['final_steps']:,}"
     n["h.checkpoints"] = ", ".join(f"{x:,}" for x in s["checkpoints"])
     n["h.lambdas"] = ", ".join(f"{x:g}" for x in s.get("adapter_scales", ())) or "--"
-    d = _dtype_record(root)
     n["h.dtype"] = d.get("dtype", PENDING)
     diff = d.get("bf16_minus_fp32_mae")
     for key, value in (("diff", diff and f"{diff['mean']:+.4f}"),
@@ -376,7 +397,6 @@ def halving_numbers(n: Numbers, results: Path) -> str:
     for dtype in ("bf16", "fp32"):
         t = last["train"].get(dtype) if last else None
         n[f"h.cal.{dtype}step"] = f"{statistics.median(t['step_seconds']):.1f}" if t else PENDING
-    zs_name = _zeroshot_name(d)
     zs = sweep.evaluation(zs_name, "val") if zs_name else None
     if zs:
         parse = zs["results"]["qwen"]["parse"]
