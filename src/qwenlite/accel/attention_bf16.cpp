@@ -77,6 +77,12 @@ QWL_AVX512BF16 inline __m512 exp16(__m512 x) {
     return _mm512_maskz_mul_ps(keep, y, _mm512_castsi512_ps(pow2n));
 }
 
+// 16 bf16 values widened to floats (exact: a bf16 is a float's upper half).
+QWL_AVX512BF16 inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
 // 16 floats rounded to bf16 (nearest, ties to even) and stored.
 QWL_AVX512BF16 inline void store16_bf16(uint16_t *p, __m512 f) {
     _mm256_storeu_si256(reinterpret_cast<__m256i *>(p), (__m256i)_mm512_cvtneps_pbh(f));
@@ -299,11 +305,7 @@ QWL_AVX512BF16 int qwenlite_attention_bwd(const uint16_t *q, const uint16_t *k,
                     const uint16_t *o = out + ((head0 + r / TB) * T + t0 + r % TB) * HD;
                     __m512 s16 = _mm512_setzero_ps();
                     for (int64_t d = 0; d < HD; d += 16) {
-                        const __m512 ov = _mm512_castsi512_ps(_mm512_slli_epi32(
-                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(o + d))), 16));
-                        const __m512 gv = _mm512_castsi512_ps(_mm512_slli_epi32(
-                            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(dO + r * HD + d))), 16));
-                        s16 = _mm512_fmadd_ps(ov, gv, s16);
+                        s16 = _mm512_fmadd_ps(load16_bf16(o + d), load16_bf16(dO + r * HD + d), s16);
                     }
                     D[r] = _mm512_reduce_add_ps(s16);
                 }
