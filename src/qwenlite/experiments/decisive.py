@@ -10,6 +10,7 @@ sweep directory without a halving sweep gives every key as *pending*.
 
 from __future__ import annotations
 
+import functools
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,6 +296,11 @@ class Halving:
         """The zero-shot experiment in the sweep's dtype, None before the calibration chose."""
         return _zeroshot_name(self.dtype)
 
+    @functools.cached_property
+    def scored(self) -> tuple[list[dict], dict | None, tuple[int, ...]]:
+        """:func:`scored_runs`' answer, computed once: it reads every run's predictions."""
+        return _scored(self.sweep, self.zs_name)
+
 
 def load_halving(results: Path) -> Halving | None:
     """``results/halving`` loaded, or None where the sweep has not started (no plan)."""
@@ -313,7 +319,7 @@ def scored_runs(h: Halving | None) -> tuple[list[dict], dict | None, tuple[int, 
     ([], None, ()) where the sweep has not started."""
     if h is None:
         return [], None, ()
-    return _scored(h.sweep, h.zs_name)
+    return h.scored
 
 
 def _by_step(pred: dict, key: str = "pred_qwen") -> np.ndarray:
@@ -341,7 +347,7 @@ def horizon_curves(h: Halving | None) -> dict[str, list[tuple[str, int | None, n
         return curves
     sweep, zs_name = h.sweep, h.zs_name
     zs = sweep.predictions(zs_name, "val") if zs_name else None
-    line = _line_runs(_scored(sweep, zs_name)[0])
+    line = _line_runs(h.scored[0])
     if zs is not None and line:
         preds = [sweep.predictions(r["name"], "val") for r in line]
         if all(np.array_equal(p["systems"], zs["systems"]) for p in preds):
@@ -407,7 +413,7 @@ def halving_numbers(n: Numbers, h: Halving | None) -> str:
         for key in ("masked", "valmae", "valmedian"):
             n[f"h.zs.{key}"] = PENDING
     base = system_mae(sweep, zs_name, "val") if zs_name else None
-    runs, zero, _ = _scored(sweep, zs_name)
+    runs, zero, _ = h.scored
     scored = {r["name"]: r for r in runs}
     for key in ("early", "late"):
         n[f"h.zs.{key}"] = PENDING if zero is None else fixed(zero[key])
